@@ -37,7 +37,7 @@ class DatasetSpec(Strict):
     tasks: list[Task] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _distinct_columns(self) -> "DatasetSpec":
+    def _distinct_columns(self) -> DatasetSpec:
         seen: dict[str, str] = {}
         roles = [("example_id", [self.example_id]), ("timestamp", [self.timestamp]),
                  ("categorical", self.categorical), ("numeric", self.numeric),

@@ -1,1 +1,20 @@
-"""storage."""
+"""Object storage: URIs, atomic partition publishing, manifest-driven reads."""
+
+from kdcore.storage.fs import join, normalize
+from kdcore.storage.manifest import Manifest
+from kdcore.storage.partition import (
+    PartitionWriter,
+    is_published,
+    iter_batches,
+    list_partitions,
+    publish_batches,
+    publish_blobs,
+    publish_table,
+    read_blob,
+    read_manifest,
+    read_table,
+)
+
+__all__ = ["Manifest", "PartitionWriter", "is_published", "iter_batches", "join",
+           "list_partitions", "normalize", "publish_batches", "publish_blobs", "publish_table",
+           "read_blob", "read_manifest", "read_table"]
