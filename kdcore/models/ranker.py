@@ -1,0 +1,178 @@
+"""The multi-task ranker used for teacher and students alike (they differ only in config).
+
+Hashed categorical embeddings and normalized numeric features feed a shared MLP; each
+task has a serving head and, for auxiliary distillation, an auxiliary head that reads
+the shared layers through `grad_scale`. Only serving heads are ever served:
+`export_serving` drops the auxiliary ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from kdcore.data.spec import Task
+from kdcore.distill.gradscale import grad_scale
+from kdcore.models.features import Features
+from kdcore.yamlconf import Strict
+
+_EMBEDDING_INIT_STD = 0.05
+_MIN_STD = 1e-6
+
+
+class RankerConfig(Strict):
+    embedding_dim: int = Field(16, gt=0)
+    hash_buckets: int = Field(50_000, ge=2, description="embedding rows per categorical feature (0 = null)")
+    hidden: list[int] = Field(default_factory=lambda: [64, 32], description="shared MLP layer widths")
+    head_hidden: int = Field(0, ge=0, description="hidden units per head; 0 = linear heads")
+    optimizer: Literal["adam", "adagrad"] = "adam"
+    lr: float = Field(0.01, gt=0.0)
+    batch_size: int = Field(512, gt=0)
+    epochs: int = Field(1, gt=0)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, hidden: list[int]) -> list[int]:
+        for i, width in enumerate(hidden):
+            if width <= 0:
+                raise ValueError(f"hidden[{i}] must be a positive layer width, got {width}")
+        return hidden
+
+
+@dataclass
+class RankerOutput:
+    """Raw head outputs by task: logits for binary tasks, values for regression."""
+
+    serving: dict[str, torch.Tensor]
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _head(in_dim: int, hidden: int) -> nn.Module:
+    if hidden == 0:
+        return nn.Linear(in_dim, 1)
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+class MultiTaskRanker(nn.Module):
+    """Weights are a pure function of (config, n_cat, n_num, tasks): construction seeds a
+    forked RNG with config.seed, so identically configured models are bit-identical and
+    the global torch RNG is left untouched. Auxiliary heads are built last, so a model
+    with and without them has the same serving weights at initialization."""
+
+    def __init__(self, config: RankerConfig, n_cat: int, n_num: int, tasks: list[Task],
+                 aux_heads: bool = False) -> None:
+        super().__init__()
+        if n_cat < 0 or n_num < 0 or n_cat + n_num == 0:
+            raise ValueError(f"need at least one feature, got n_cat={n_cat}, n_num={n_num}")
+        if not tasks:
+            raise ValueError("need at least one task")
+        self.config = config
+        self.n_cat = n_cat
+        self.n_num = n_num
+        self.tasks = list(tasks)
+        self.has_aux = aux_heads
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self._build(aux_heads)
+
+    def _build(self, aux_heads: bool) -> None:
+        cfg = self.config
+        # One table for all categorical features; feature j owns rows [j*B, (j+1)*B).
+        self.embedding = nn.Embedding(max(self.n_cat * cfg.hash_buckets, 1), cfg.embedding_dim)
+        nn.init.normal_(self.embedding.weight, std=_EMBEDDING_INIT_STD)
+        self.register_buffer("cat_offsets", torch.arange(self.n_cat, dtype=torch.int64) * cfg.hash_buckets,
+                             persistent=False)
+        self.register_buffer("num_mean", torch.zeros(self.n_num))
+        self.register_buffer("num_std", torch.ones(self.n_num))
+        layers: list[nn.Module] = []
+        width = self.n_cat * cfg.embedding_dim + self.n_num
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.shared = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict({t.name: _head(width, cfg.head_hidden) for t in self.tasks})
+        self.aux_heads = nn.ModuleDict(
+            {t.name: _head(width, cfg.head_hidden) for t in self.tasks} if aux_heads else {})
+
+    def fit_normalizer(self, num: np.ndarray) -> None:
+        """Set numeric mean/std from cold-start data. Called once: warm starts keep the
+        stored statistics so the meaning of the inputs does not shift under the weights."""
+        num = np.asarray(num, dtype=np.float64)
+        if num.ndim != 2 or num.shape[1] != self.n_num:
+            raise ValueError(f"expected numeric features of shape [N, {self.n_num}], got {num.shape}")
+        if num.shape[0] == 0:
+            raise ValueError("cannot fit the normalizer on zero rows")
+        mean = num.mean(axis=0)
+        std = num.std(axis=0)
+        std = np.where(std < _MIN_STD, 1.0, std)
+        self.num_mean.copy_(torch.from_numpy(mean))
+        self.num_std.copy_(torch.from_numpy(std))
+
+    def _shared(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        if cat.ndim != 2 or cat.shape[1] != self.n_cat or num.ndim != 2 or num.shape[1] != self.n_num:
+            raise ValueError(f"expected cat [B, {self.n_cat}] and num [B, {self.n_num}], "
+                             f"got {tuple(cat.shape)} and {tuple(num.shape)}")
+        parts = []
+        if self.n_cat:
+            emb = self.embedding(cat + self.cat_offsets)
+            parts.append(emb.reshape(cat.shape[0], -1))
+        if self.n_num:
+            parts.append((num.to(self.num_mean.dtype) - self.num_mean) / self.num_std)
+        return self.shared(torch.cat(parts, dim=1))
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor, aux_grad_scale: float = 1.0) -> RankerOutput:
+        """aux_grad_scale multiplies the gradient the auxiliary heads send into the shared
+        layers (pass DistillConfig.auxiliary.grad_scale when training)."""
+        h = self._shared(cat, num)
+        serving = {name: head(h).squeeze(-1) for name, head in self.heads.items()}
+        aux: dict[str, torch.Tensor] = {}
+        if len(self.aux_heads):
+            h_aux = grad_scale(h, aux_grad_scale)
+            aux = {name: head(h_aux).squeeze(-1) for name, head in self.aux_heads.items()}
+        return RankerOutput(serving=serving, aux=aux)
+
+    @torch.no_grad()
+    def predict(self, cat: torch.Tensor, num: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Serving predictions: probabilities for binary tasks, values for regression."""
+        h = self._shared(cat, num)
+        out = {}
+        for t in self.tasks:
+            raw = self.heads[t.name](h).squeeze(-1)
+            out[t.name] = torch.sigmoid(raw) if t.kind == "binary" else raw
+        return out
+
+    def param_count(self) -> int:
+        """All parameters, auxiliary heads included (use export_serving for the served size)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_example(self) -> int:
+        """Approximate FLOPs (2 x multiply-adds) of every dense layer present, auxiliary
+        heads included; embedding lookups and activations are not counted."""
+        return sum(2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+
+
+def as_tensors(features: Features) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cat, num) tensors for forward/predict; shares memory with the numpy arrays."""
+    return torch.from_numpy(features.cat), torch.from_numpy(features.num)
+
+
+def make_optimizer(model: MultiTaskRanker) -> torch.optim.Optimizer:
+    """The optimizer named by model.config (so teacher and students are built the same way)."""
+    cfg = model.config
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=cfg.lr)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def export_serving(model: MultiTaskRanker) -> MultiTaskRanker:
+    """A copy without auxiliary heads whose serving predictions equal the original's."""
+    serving = MultiTaskRanker(model.config, model.n_cat, model.n_num, model.tasks, aux_heads=False)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("aux_heads.")}
+    serving.load_state_dict(state, strict=True)
+    return serving.train(model.training)
