@@ -54,7 +54,7 @@ def is_published(uri: str) -> bool:
     return sfs.exists(manifest_uri(uri))
 
 
-def _commit(uri: str, manifest: Manifest) -> bool:
+def commit_manifest(uri: str, manifest: Manifest) -> bool:
     """Write the manifest unless an identical one is there. True when it changed."""
     data = manifest.to_bytes()
     muri = manifest_uri(uri)
@@ -126,16 +126,18 @@ class PartitionWriter:
                 self._finish_file()
 
     def close(self) -> Manifest:
-        if self._writer is not None or not self._entries:
-            if self._writer is None:
-                self._open()  # an empty partition still gets one (empty) file with the schema
-            self._finish_file()
-        manifest = Manifest(
-            kind="parquet", files=self._entries, rows=sum(e.rows or 0 for e in self._entries),
-            bytes=sum(e.bytes for e in self._entries), schema_b64=encode_schema(self.schema),
-            metadata=self.metadata)
-        self.changed = _commit(self.uri, manifest)
-        self.abort()
+        try:
+            if self._writer is not None or not self._entries:
+                if self._writer is None:
+                    self._open()  # an empty partition still gets one (empty) file with the schema
+                self._finish_file()
+            manifest = Manifest(
+                kind="parquet", files=self._entries, rows=sum(e.rows or 0 for e in self._entries),
+                bytes=sum(e.bytes for e in self._entries), schema_b64=encode_schema(self.schema),
+                metadata=self.metadata)
+            self.changed = commit_manifest(self.uri, manifest)
+        finally:
+            self.abort()  # the local spool goes even when an upload or the commit fails
         return manifest
 
     def abort(self) -> None:
@@ -183,7 +185,7 @@ def publish_blobs(uri: str, blobs: Mapping[str, bytes], metadata: Mapping[str, A
         entries.append(FileEntry(name=name, path=stored, bytes=len(data), sha256=sha))
     manifest = Manifest(kind="blobs", files=entries, bytes=sum(e.bytes for e in entries),
                         metadata=dict(metadata or {}))
-    _commit(uri, manifest)
+    commit_manifest(uri, manifest)
     return manifest
 
 
@@ -207,12 +209,16 @@ def _dataset(uri: str, manifest: Manifest) -> ds.Dataset:
 
 def iter_batches(uri: str, columns: list[str] | None = None, batch_size: int = 262_144,
                  manifest: Manifest | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream a published partition in manifest order (deterministic)."""
+    """Stream a published partition in manifest order (deterministic).
+
+    The manifest is read and the columns are checked when this is called (not at the first
+    ``next()``): a missing partition or column fails at the call site, and the iterator is
+    pinned to the version that was current then."""
     uri = sfs.normalize(uri)
     manifest = manifest or read_manifest(uri)
     _check_columns(uri, manifest, columns)
-    yield from _dataset(uri, manifest).to_batches(columns=columns, batch_size=batch_size,
-                                                    use_threads=False)
+    return _dataset(uri, manifest).to_batches(columns=columns, batch_size=batch_size,
+                                              use_threads=False)
 
 
 def read_table(uri: str, columns: list[str] | None = None, manifest: Manifest | None = None) -> pa.Table:

@@ -1,0 +1,143 @@
+"""Teacher inference, once per example, shared by every student.
+
+The chosen teacher scores a day's examples in large batches under inference mode; each
+shard (a contiguous row range of the day) is published on its own, then ``commit``
+makes all shards visible at once with a manifest naming the teacher, the date it is
+trained through, the label staleness and the row count."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kdcore.config import PipelineConfig
+from kdcore.data import examples
+from kdcore.data.spec import DatasetSpec
+from kdcore.errors import LineageError, StorageError
+from kdcore.labels.store import labels_uri, shard_dir, shard_uri
+from kdcore.models import registry
+from kdcore.models.features import encode_features
+from kdcore.storage import partition as part
+from kdcore.storage.manifest import FileEntry, Manifest
+from kdcore.training.loop import predict, set_determinism
+
+LABEL_DTYPE = pa.float32()
+
+
+def choose_teacher(cfg: PipelineConfig, day: dt.date, version: str | None = None) -> registry.Checkpoint:
+    """The teacher that labels ``day``: a pinned version, or the newest teacher trained
+    through ``day - label_lag`` or earlier, refused when staler than the policy allows."""
+    root, ds, name = cfg.root, cfg.spec.name, cfg.teacher.name
+    if version:
+        ckpt = registry.find_version(root, ds, name, version)
+    else:
+        newest = registry.latest_before(root, ds, name, day - dt.timedelta(days=cfg.policies.label_lag_days),
+                                        inclusive=True)
+        if newest is None:
+            raise LineageError(f"no teacher checkpoint trained through {day} or earlier under "
+                               f"{registry.model_root(root, ds, name)}")
+        ckpt = registry.find_checkpoint(root, ds, name, newest)
+    staleness = (day - ckpt.trained_through).days
+    if staleness < 0:
+        raise LineageError(f"teacher {ckpt.version} is trained through {ckpt.trained_through}, after {day}")
+    if version is None and staleness > cfg.policies.max_label_staleness_days:
+        raise LineageError(f"newest teacher {ckpt.version} is {staleness} days stale for {day}; "
+                           f"policies.max_label_staleness_days is {cfg.policies.max_label_staleness_days}")
+    return ckpt
+
+
+def label_schema(spec: DatasetSpec, id_type: pa.DataType) -> pa.Schema:
+    return pa.schema([pa.field(spec.example_id, id_type, nullable=False),
+                      *[pa.field(t.name, LABEL_DTYPE) for t in spec.tasks]])
+
+
+def _shard_range(rows: int, shard: int, shards: int) -> tuple[int, int]:
+    return rows * shard // shards, rows * (shard + 1) // shards
+
+
+def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards: int = 1,
+                      teacher_version: str | None = None) -> dict[str, Any]:
+    if not 0 <= shard < shards:
+        raise ValueError(f"--shard {shard}/{shards}: shard index must be in [0, {shards})")
+    set_determinism(cfg.torch_threads)
+    spec = cfg.spec
+    teacher = choose_teacher(cfg, day, teacher_version)
+    model = teacher.load(spec)
+    ex_uri = examples.examples_uri(cfg.root, spec.name, day)
+    manifest = part.read_manifest(ex_uri)
+    lo, hi = _shard_range(manifest.rows or 0, shard, shards)
+    assert manifest.schema is not None
+    schema = label_schema(spec, manifest.schema.field(spec.example_id).type)
+    uri = shard_uri(cfg.root, spec.name, day, teacher.version, shard, shards)
+    start = time.perf_counter()
+    offset = 0
+
+    def batches():
+        nonlocal offset
+        for batch in part.iter_batches(ex_uri, columns=[spec.example_id, *spec.feature_columns],
+                                       batch_size=cfg.labels.batch_rows, manifest=manifest):
+            b_lo, b_hi = offset, offset + batch.num_rows
+            offset = b_hi
+            if b_hi <= lo or b_lo >= hi:
+                continue
+            batch = batch.slice(max(lo - b_lo, 0), min(hi, b_hi) - max(lo, b_lo))
+            preds = predict(model, encode_features(batch, spec, model.config.hash_buckets))
+            yield pa.record_batch([batch.column(spec.example_id),
+                                   *[pa.array(preds[t.name].astype(np.float32)) for t in spec.tasks]],
+                                  schema=schema)
+
+    meta = label_metadata(teacher, day, spec.name)
+    m = part.publish_batches(uri, schema, batches(), {**meta, "shard": shard, "shards": shards})
+    if m.rows != hi - lo:
+        raise StorageError(f"{uri}: wrote {m.rows} label rows, expected {hi - lo}")
+    return {"uri": uri, "rows": m.rows, "teacher_version": teacher.version,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def label_metadata(teacher: registry.Checkpoint, day: dt.date, dataset: str) -> dict[str, Any]:
+    return {"kind": "teacher_labels", "dataset": dataset, "date": day.isoformat(),
+            "teacher_version": teacher.version, "teacher_uri": teacher.uri,
+            "teacher_trained_through": teacher.trained_through.isoformat(),
+            "staleness_days": (day - teacher.trained_through).days}
+
+
+def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int) -> dict[str, Any]:
+    """Publish one manifest listing every shard's files; refuses missing shards or a row
+    count that does not match the day's examples."""
+    spec = cfg.spec
+    teacher = registry.find_version(cfg.root, spec.name, cfg.teacher.name, teacher_version)
+    files: list[FileEntry] = []
+    schema_b64 = None
+    for i in range(shards):
+        suri = shard_uri(cfg.root, spec.name, day, teacher_version, i, shards)
+        try:
+            m = part.read_manifest(suri)
+        except StorageError:
+            raise StorageError(f"cannot commit labels for {day}: shard {i}/{shards} is not published ({suri})") from None
+        schema_b64 = m.schema_b64
+        files += [e.model_copy(update={"name": f"shard{i:03d}-{e.name}", "path": f"{shard_dir(i, shards)}/{e.path}"})
+                  for e in m.files]
+    rows = sum(e.rows or 0 for e in files)
+    expected = part.read_manifest(examples.examples_uri(cfg.root, spec.name, day)).rows
+    if rows != expected:
+        raise StorageError(f"labels for {day} have {rows} rows across {shards} shards; the day has {expected} examples")
+    uri = labels_uri(cfg.root, spec.name, day, teacher_version)
+    manifest = Manifest(kind="parquet", files=files, rows=rows, bytes=sum(e.bytes for e in files),
+                        schema_b64=schema_b64, metadata={**label_metadata(teacher, day, spec.name), "shards": shards})
+    changed = part.commit_manifest(uri, manifest)
+    return {"uri": uri, "rows": rows, "teacher_version": teacher_version, "changed": changed,
+            "staleness_days": manifest.metadata["staleness_days"], "bytes": manifest.bytes}
+
+
+def materialize(cfg: PipelineConfig, day: dt.date, teacher_version: str | None = None,
+                shards: int | None = None) -> dict[str, Any]:
+    """All shards in this process, then commit (the command line's default)."""
+    shards = shards or cfg.labels.shards
+    version = choose_teacher(cfg, day, teacher_version).version
+    for i in range(shards):
+        materialize_shard(cfg, day, i, shards, version)
+    return commit(cfg, day, version, shards)

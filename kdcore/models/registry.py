@@ -1,0 +1,135 @@
+"""Checkpoints in object storage and their lineage.
+
+A checkpoint trained through date D lives at ``<root>/models/<dataset>/<name>/date=D/``
+(weights-only safetensors + ``meta.json``, published atomically). Lineage is explicit:
+each meta names its parent's version, so a chain can be walked and verified no matter in
+which order Airflow ran the days."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kdcore.data.examples import parse_date
+from kdcore.data.spec import DatasetSpec
+from kdcore.errors import LineageError, StorageError
+from kdcore.models.checkpoint import model_from_bytes, model_to_bytes
+from kdcore.models.ranker import MultiTaskRanker, RankerConfig, export_serving
+from kdcore.storage import fs as sfs
+from kdcore.storage import partition as part
+
+WEIGHTS = "model.safetensors"
+SERVING = "serving.safetensors"
+META = "meta.json"
+
+
+def model_root(root: str, dataset: str, name: str) -> str:
+    return sfs.join(sfs.normalize(root), "models", dataset, name)
+
+
+def checkpoint_uri(root: str, dataset: str, name: str, day: dt.date | str) -> str:
+    return sfs.join(model_root(root, dataset, name), f"date={parse_date(day).isoformat()}")
+
+
+def list_checkpoints(root: str, dataset: str, name: str) -> list[dt.date]:
+    return [dt.date.fromisoformat(d) for d in part.list_partitions(model_root(root, dataset, name))]
+
+
+def latest_before(root: str, dataset: str, name: str, day: dt.date, inclusive: bool = False) -> dt.date | None:
+    """Newest checkpoint trained through a date before ``day`` (or on it, if inclusive)."""
+    days = [d for d in list_checkpoints(root, dataset, name) if d < day or (inclusive and d == day)]
+    return max(days) if days else None
+
+
+@dataclass
+class Checkpoint:
+    uri: str
+    meta: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def trained_through(self) -> dt.date:
+        return dt.date.fromisoformat(self.meta["trained_through"])
+
+    def load(self, spec: DatasetSpec) -> MultiTaskRanker:
+        data = part.read_blob(self.uri, WEIGHTS)
+        cfg = RankerConfig.model_validate(self.meta["model"])
+        return model_from_bytes(data, cfg, len(spec.categorical), len(spec.numeric), list(spec.tasks),
+                                aux_heads=bool(self.meta.get("aux_heads")))
+
+
+def read_checkpoint(uri: str) -> Checkpoint:
+    meta = json.loads(part.read_blob(uri, META))
+    return Checkpoint(uri=sfs.normalize(uri), meta=meta)
+
+
+def find_checkpoint(root: str, dataset: str, name: str, day: dt.date | str) -> Checkpoint:
+    uri = checkpoint_uri(root, dataset, name, day)
+    try:
+        return read_checkpoint(uri)
+    except StorageError:
+        raise StorageError(f"no checkpoint of '{name}' trained through {parse_date(day)} at {uri}") from None
+
+
+def find_version(root: str, dataset: str, name: str, version: str) -> Checkpoint:
+    """The checkpoint with this exact version string (``<name>-<YYYYMMDD>-<hash>``)."""
+    try:
+        day = dt.datetime.strptime(version.rsplit("-", 2)[-2], "%Y%m%d").date()
+    except (ValueError, IndexError):
+        raise LineageError(f"malformed model version '{version}': expected <name>-<YYYYMMDD>-<hash>") from None
+    ckpt = find_checkpoint(root, dataset, name, day)
+    if ckpt.version != version:
+        raise LineageError(f"version '{version}' not found: {ckpt.uri} holds '{ckpt.version}'")
+    return ckpt
+
+
+def parent_for(root: str, dataset: str, name: str, day: dt.date) -> Checkpoint | None:
+    """The parent a day step warm-starts from: the newest checkpoint before ``day``."""
+    prev = latest_before(root, dataset, name, day)
+    return find_checkpoint(root, dataset, name, prev) if prev else None
+
+
+def check_parent(parent: Checkpoint | None, day: dt.date) -> None:
+    if parent is not None and parent.trained_through >= day:
+        raise LineageError(f"refusing parent {parent.version}: it is trained through "
+                           f"{parent.trained_through}, not before {day}")
+
+
+def make_version(name: str, day: dt.date, weights: bytes) -> str:
+    return f"{name}-{day:%Y%m%d}-{hashlib.sha256(weights).hexdigest()[:12]}"
+
+
+def publish_checkpoint(root: str, dataset: str, name: str, day: dt.date, model: MultiTaskRanker,
+                       meta: dict[str, Any]) -> Checkpoint:
+    """Publish weights (and, when the model has auxiliary heads, the serving export
+    without them) plus metadata; the version is derived from the weights' bytes."""
+    weights = model_to_bytes(model)
+    meta = dict(meta, name=name, version=make_version(name, day, weights), trained_through=day.isoformat(),
+                model=model.config.model_dump(mode="json"), aux_heads=bool(len(model.aux_heads)),
+                params=model.param_count(), flops_per_example=model.flops_per_example())
+    blobs = {WEIGHTS: weights}
+    if bool(len(model.aux_heads)):
+        blobs[SERVING] = model_to_bytes(export_serving(model))
+    blobs[META] = (json.dumps(meta, sort_keys=True, indent=1, default=str) + "\n").encode()
+    uri = checkpoint_uri(root, dataset, name, day)
+    part.publish_blobs(uri, blobs, {"kind": "checkpoint", "version": meta["version"]})
+    return Checkpoint(uri=uri, meta=meta)
+
+
+def lineage(root: str, dataset: str, name: str, day: dt.date | str) -> list[Checkpoint]:
+    """The chain from the checkpoint through ``day`` back to its cold start, newest first;
+    raises LineageError when a parent named in a meta is missing or not older."""
+    chain = [find_checkpoint(root, dataset, name, day)]
+    while chain[-1].meta.get("parent"):
+        child = chain[-1]
+        parent = find_version(root, dataset, name, child.meta["parent"])
+        if parent.trained_through >= child.trained_through:
+            raise LineageError(f"{child.version}: parent {parent.version} is not older")
+        chain.append(parent)
+    return chain

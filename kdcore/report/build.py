@@ -1,0 +1,149 @@
+"""The report: per-day metrics of teacher, students and control, the KD gain of each
+student against its control (paired by day, bootstrap 95% interval), the gate's shift
+figures, as CSV + Markdown + PNG plots published under ``<root>/reports/<dataset>/``."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import numpy as np
+
+from kdcore.config import PipelineConfig
+from kdcore.evaluation.stats import fmt_ci, paired_diff
+from kdcore.report.collect import gate_rows, metric_rows
+from kdcore.storage import fs as sfs
+from kdcore.storage import partition as part
+
+GAIN_METRICS = {"binary": ["auc", "gauc", "ne", "calibration"], "regression": ["rmse"]}
+
+
+def _csv(rows: list[dict[str, Any]]) -> bytes:
+    if not rows:
+        return b""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _series(rows, model: str, task: str, metric: str) -> dict[str, float]:
+    return {r["date"]: (r.get(metric) if r.get(metric) is not None else np.nan)
+            for r in rows if r["model"] == model and r["task"] == task}
+
+
+def kd_gains(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for s in cfg.students:
+        control = cfg.control_of(s.name)
+        for t in cfg.spec.tasks:
+            for metric in GAIN_METRICS[t.kind]:
+                a, b = _series(rows, s.name, t.name, metric), _series(rows, control, t.name, metric)
+                days = sorted(set(a) & set(b))
+                r = paired_diff(np.array([a[d] for d in days], float), np.array([b[d] for d in days], float))
+                out.append({"student": s.name, "mode": s.distill.mode + ("+adapter" if s.distill.adapter.enabled else ""),
+                            "control": control, "task": t.name, "metric": metric, **r})
+    return out
+
+
+def _plot(cfg: PipelineConfig, rows, gates) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    models = sorted({r["model"] for r in rows})
+    for t in cfg.spec.tasks:
+        metrics = ["auc", "ne"] if t.kind == "binary" else ["rmse"]
+        fig, axes = plt.subplots(len(metrics), 1, figsize=(10, 3.2 * len(metrics)), squeeze=False)
+        for ax, metric in zip(axes[:, 0], metrics):
+            for m in models:
+                ser = _series(rows, m, t.name, metric)
+                if ser:
+                    days = sorted(ser)
+                    ax.plot(np.array(days, dtype="datetime64[D]"), [ser[d] for d in days], label=m,
+                            lw=2.0 if m == cfg.teacher.name else 1.2)
+            ax.set_ylabel(f"{t.name} {metric}")
+            ax.grid(alpha=0.3)
+        axes[0, 0].set_title(f"{cfg.spec.name}: progressive {t.name} metrics per day")
+        axes[0, 0].legend(fontsize=8, ncol=3)
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
+        plt.close(fig)
+        out[f"metrics_{t.name}.png"] = buf.getvalue()
+    shift_cols = [c for c in ("psi", "js", "label_drift", "calibration", "staleness_days") if any(c in g for g in gates)]
+    if gates and shift_cols:
+        fig, axes = plt.subplots(len(shift_cols), 1, figsize=(10, 2.4 * len(shift_cols)), squeeze=False)
+        days = np.array([g["date"] for g in gates], dtype="datetime64[D]")
+        for ax, col in zip(axes[:, 0], shift_cols):
+            ax.plot(days, [g.get(col, np.nan) if g.get(col) is not None else np.nan for g in gates], marker=".")
+            ax.set_ylabel(col)
+            ax.grid(alpha=0.3)
+        axes[0, 0].set_title(f"{cfg.spec.name}: teacher/student window shift per day")
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
+        plt.close(fig)
+        out["shift.png"] = buf.getvalue()
+    return out
+
+
+def _markdown(cfg: PipelineConfig, rows, gains, gates) -> str:
+    lines = [f"# KD report: {cfg.spec.name}", ""]
+    days = sorted({r["date"] for r in rows})
+    if not days:
+        return "\n".join(lines + ["No progressive metrics yet: run at least one day after bootstrap."])
+    lines += [f"Progressive validation over {len(days)} days ({days[0]} .. {days[-1]}).", "",
+              "## KD gain against the control (student - control, mean over days, 95% bootstrap interval)", "",
+              "Higher AUC/GAUC is better; lower NE and RMSE are better.", "",
+              "| student | mode | task | metric | gain [95% CI] |", "|---|---|---|---|---|"]
+    for g in gains:
+        lines.append(f"| {g['student']} | {g['mode']} | {g['task']} | {g['metric']} | {fmt_ci(g)} |")
+    lines += ["", "## Mean progressive metrics per model", "", "| model | role | task | days | auc | gauc | ne | calibration | rmse |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for model in sorted({r["model"] for r in rows}):
+        for t in cfg.spec.tasks:
+            sel = [r for r in rows if r["model"] == model and r["task"] == t.name]
+            if not sel:
+                continue
+
+            def mean(k, sel=sel):
+                v = [r[k] for r in sel if r.get(k) is not None]
+                return f"{np.mean(v):.4f}" if v else ""
+            lines.append(f"| {model} | {sel[0]['role']} | {t.name} | {len(sel)} | {mean('auc')} | {mean('gauc')} | "
+                         f"{mean('ne')} | {mean('calibration')} | {mean('rmse')} |")
+    if gates:
+        lines += ["", "## Gate per day", "", "| date | status | action | max PSI | max JS | staleness |", "|---|---|---|---|---|---|"]
+        for g in gates:
+            def f(k, g=g):
+                v = g.get(k)
+                return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+            lines.append(f"| {g['date']} | {g['status']} | {g['action']} | {f('psi')} | {f('js')} | {f('staleness_days')} |")
+    lines += ["", "## Per day", "", "| date | model | task | auc | gauc | ne | calibration | rmse |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def f(k, r=r):
+            v = r.get(k)
+            return f"{v:.4f}" if isinstance(v, float) else ""
+        lines.append(f"| {r['date']} | {r['model']} | {r['task']} | {f('auc')} | {f('gauc')} | {f('ne')} | "
+                     f"{f('calibration')} | {f('rmse')} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(cfg: PipelineConfig, out: str | None = None) -> dict[str, Any]:
+    rows, gates = metric_rows(cfg), gate_rows(cfg)
+    gains = kd_gains(cfg, rows)
+    md = _markdown(cfg, rows, gains, gates)
+    blobs = {"report.md": md.encode(), "metrics.csv": _csv(rows), "kd_gain.csv": _csv(gains),
+             "gate.csv": _csv(gates), **_plot(cfg, rows, gates)}
+    uri = out or sfs.join(cfg.root, "reports", cfg.spec.name)
+    part.publish_blobs(uri, blobs, {"kind": "report", "days": len({r['date'] for r in rows})})
+    return {"uri": uri, "markdown": md, "gains": gains, "files": sorted(blobs)}

@@ -1,0 +1,49 @@
+"""Gather per-day figures from what the pipeline published (checkpoint metadata and
+gate decisions) into flat rows; the report never recomputes a metric."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from kdcore.config import PipelineConfig
+from kdcore.models import registry
+from kdcore.storage import fs as sfs
+from kdcore.storage import partition as part
+
+
+def metric_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """One row per (date, model, task): the model's progressive metrics on that date."""
+    rows = []
+    names = [(cfg.teacher.name, "teacher"), *[(s.name, "control" if s.name in cfg.controls() else "student")
+                                               for s in cfg.all_students()]]
+    for name, role in names:
+        for day in registry.list_checkpoints(cfg.root, cfg.spec.name, name):
+            meta = registry.find_checkpoint(cfg.root, cfg.spec.name, name, day).meta
+            prog = meta.get("progressive")
+            if not prog or not prog.get("metrics"):
+                continue
+            for task, m in prog["metrics"].items():
+                rows.append({"date": prog["date"], "model": name, "role": role, "task": task,
+                             "kd_applied": meta.get("kd_applied"), "staleness": meta.get("label_staleness_days"),
+                             **{k: (v if v is None or not isinstance(v, float) or math.isfinite(v) else None)
+                                for k, v in m.items()}})
+    return sorted(rows, key=lambda r: (r["date"], r["model"], r["task"]))
+
+
+def gate_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """One row per date with the gate decision and its figures, where a gate ran."""
+    base = sfs.join(cfg.root, "quality", cfg.spec.name)
+    rows = []
+    for day in part.list_partitions(base):
+        uri = sfs.join(base, f"date={day}")
+        try:
+            decision = json.loads(part.read_blob(uri, "decision.json"))
+        except Exception:  # noqa: BLE001 - an unreadable decision is reported as missing
+            continue
+        row = {"date": day, "status": decision.get("status"), "action": decision.get("action")}
+        for check in decision.get("checks", []):
+            row[check["name"]] = check.get("value")
+        rows.append(row)
+    return rows

@@ -1,0 +1,156 @@
+"""Day steps of continuous training, for the teacher and for students.
+
+A day step for date D: find the parent (newest checkpoint before D, by lineage), evaluate
+it on D before it trains (progressive validation), warm-start from it (cold start when
+there is none) and train on D, then publish the checkpoint "through D". Re-running a day
+whose checkpoint already descends from the same parent with the same config is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any, Literal
+
+import numpy as np
+
+from kdcore.config import PipelineConfig, StudentConfig
+from kdcore.distill.adapter import fit_adapters
+from kdcore.distill.config import DistillConfig
+from kdcore.errors import StorageError
+from kdcore.labels.join import load_joined
+from kdcore.models import registry
+from kdcore.models.ranker import MultiTaskRanker, RankerConfig
+from kdcore.training.data import DayData, load_days
+from kdcore.training.loop import NO_KD, evaluate, fit, new_model, set_determinism
+
+GateAction = Literal["distill", "hard_labels_only", "skip_students"]
+
+
+def _seed(cfg: RankerConfig, day: dt.date) -> int:
+    return cfg.seed * 1_000_003 + day.toordinal()
+
+
+def _existing(cfg: PipelineConfig, name: str, day: dt.date, parent: registry.Checkpoint | None,
+              fingerprint: dict[str, Any]) -> registry.Checkpoint | None:
+    try:
+        ckpt = registry.find_checkpoint(cfg.root, cfg.spec.name, name, day)
+    except StorageError:
+        return None
+    same_parent = ckpt.meta.get("parent") == (parent.version if parent else None)
+    return ckpt if same_parent and ckpt.meta.get("fingerprint") == fingerprint else None
+
+
+def _warm_or_cold(cfg: PipelineConfig, parent: registry.Checkpoint | None, model_cfg: RankerConfig,
+                  aux: bool, data: DayData, day: dt.date) -> MultiTaskRanker:
+    if parent is not None:
+        model = parent.load(cfg.spec)
+        if model.config != model_cfg or bool(len(model.aux_heads)) != aux:
+            raise StorageError(f"{parent.uri}: parent's model config differs from the pipeline config; "
+                               f"start a new model name or bootstrap again")
+        return model
+    return new_model(model_cfg, cfg.spec, aux, data.features(model_cfg.hash_buckets).num, _seed(model_cfg, day))
+
+
+def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: RankerConfig, aux: bool,
+                       day: dt.date, data: DayData, parent: registry.Checkpoint | None,
+                       distill: DistillConfig, soft: dict[str, np.ndarray] | None,
+                       extra: dict[str, Any], fingerprint: dict[str, Any], epochs: int | None = None,
+                       progressive: bool = True) -> dict[str, Any]:
+    start = time.perf_counter()
+    model = _warm_or_cold(cfg, parent, model_cfg, aux, data, day)
+    metrics = evaluate(model, data) if (progressive and parent is not None) else None
+    train = fit(model, data.features(model_cfg.hash_buckets), data.hard, soft, distill,
+                seed=_seed(model_cfg, day), epochs=epochs)
+    rows_seen = (parent.meta.get("rows_seen", 0) if parent else 0) + len(data)
+    meta = {"role": role, "dataset": cfg.spec.name, "parent": parent.version if parent else None,
+            "progressive": {"date": day.isoformat(), "metrics": metrics} if metrics else None,
+            "train": train, "rows_day": len(data), "rows_seen": rows_seen, "fingerprint": fingerprint,
+            "train_seconds": round(time.perf_counter() - start, 3), **extra}
+    ckpt = registry.publish_checkpoint(cfg.root, cfg.spec.name, name, day, model, meta)
+    return {"name": name, "version": ckpt.version, "uri": ckpt.uri, "parent": meta["parent"],
+            "trained_through": day.isoformat(), "progressive": metrics, "skipped": False}
+
+
+def _summary(ckpt: registry.Checkpoint, reused: bool = True) -> dict[str, Any]:
+    prog = ckpt.meta.get("progressive") or {}
+    return {"name": ckpt.meta["name"], "version": ckpt.version, "uri": ckpt.uri, "parent": ckpt.meta.get("parent"),
+            "trained_through": ckpt.meta["trained_through"], "progressive": prog.get("metrics"),
+            "skipped": False, "reused": reused}
+
+
+def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict[str, Any]:
+    """Refresh the teacher: progressive evaluation of the teacher through D-1 on D, then
+    train it on D. A failure raises, so the last good teacher stays in use."""
+    set_determinism(cfg.torch_threads)
+    t = cfg.teacher
+    parent = registry.parent_for(cfg.root, cfg.spec.name, t.name, day)
+    registry.check_parent(parent, day)
+    fp = {"model": t.model.model_dump(mode="json")}
+    if not force and (ckpt := _existing(cfg, t.name, day, parent, fp)):
+        return _summary(ckpt)
+    data = load_days(cfg.root, cfg.spec, [day])
+    return _train_and_publish(cfg, t.name, "teacher", t.model, False, day, data, parent, NO_KD, None, {}, fp)
+
+
+def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str | None = None,
+                 action: GateAction = "distill", force: bool = False) -> dict[str, Any]:
+    """Train one student (or control) on D, distilling from the labels at ``labels_uri``
+    unless the gate says otherwise. ``skip_students`` publishes nothing for D."""
+    set_determinism(cfg.torch_threads)
+    s: StudentConfig = cfg.student(name)
+    role = "control" if name in cfg.controls() else "student"
+    if action == "skip_students":
+        return {"name": name, "skipped": True, "reason": "gate: skip_students", "trained_through": None}
+    parent = registry.parent_for(cfg.root, cfg.spec.name, name, day)
+    registry.check_parent(parent, day)
+    use_kd = s.distill.uses_teacher and action == "distill"
+    if s.distill.uses_teacher and action == "distill" and not labels_uri:
+        raise StorageError(f"student '{name}' distills but no teacher labels were given for {day}")
+    fp = {"model": s.model.model_dump(mode="json"), "distill": s.distill.model_dump(mode="json"),
+          "labels": labels_uri if use_kd else None, "action": action}
+    if not force and (ckpt := _existing(cfg, name, day, parent, fp)):
+        return _summary(ckpt)
+    data = load_days(cfg.root, cfg.spec, [day])
+    soft, extra = None, {"gate_action": action, "kd_applied": use_kd, "distill_mode": s.distill.mode}
+    distill = s.distill if use_kd else NO_KD
+    if use_kd:
+        assert labels_uri
+        joined = load_joined(labels_uri, data.example_ids, cfg.spec, day, cfg.policies.missing_labels)
+        if joined.missing:  # policy allowed it: keep the labelled rows only
+            data = DayData(cfg.spec, data.table.filter(joined.present), data.days)
+            joined.soft = {k: v[joined.present] for k, v in joined.soft.items()}
+        soft = fit_adapters(joined.soft, data.hard, list(cfg.spec.tasks), s.distill.adapter, seed=s.model.seed)
+        extra.update(teacher_version=joined.metadata.get("teacher_version"),
+                     label_staleness_days=joined.metadata.get("staleness_days"),
+                     labels_uri=labels_uri, labels_missing=joined.missing)
+    aux = s.distill.mode == "auxiliary"
+    return _train_and_publish(cfg, name, role, s.model, aux, day, data, parent, distill, soft, extra, fp)
+
+
+def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None) -> dict[str, Any]:
+    """Train the teacher and every student (and control) on a window of history in one
+    go, hard labels only, publishing cold-start checkpoints through ``through``; the
+    daily loop then warm-starts from them."""
+    from kdcore.data.examples import list_days
+
+    set_determinism(cfg.torch_threads)
+    n = days or cfg.bootstrap.days
+    avail = [d for d in list_days(cfg.root, cfg.spec.name) if d <= through]
+    window = avail[-n:]
+    if not window:
+        raise StorageError(f"no example partitions on or before {through} to bootstrap from")
+    data = load_days(cfg.root, cfg.spec, window)
+    out = {}
+    models = [(cfg.teacher.name, "teacher", cfg.teacher.model, False),
+              *[(s.name, "control" if s.name in cfg.controls() else "student", s.model,
+                 s.distill.mode == "auxiliary") for s in cfg.all_students()]]
+    for name, role, mcfg, aux in models:
+        fp = {"model": mcfg.model_dump(mode="json"), "bootstrap": [window[0].isoformat(), window[-1].isoformat()]}
+        if (ckpt := _existing(cfg, name, through, None, fp)):
+            out[name] = _summary(ckpt)
+            continue
+        extra = {"bootstrap": {"from": window[0].isoformat(), "to": window[-1].isoformat(), "days": len(window)}}
+        out[name] = _train_and_publish(cfg, name, role, mcfg, aux, through, data, None, NO_KD, None, extra, fp,
+                                       epochs=cfg.bootstrap.epochs, progressive=False)
+    return out
