@@ -78,7 +78,10 @@ class PipelineConfig(Strict):
 
     @property
     def root(self) -> str:
-        root = os.environ.get("KD_STORAGE_ROOT") or self.storage_root
+        env = os.environ.get("KD_STORAGE_ROOT")
+        if env:  # relative to the working directory, like any command-line path
+            return sfs.normalize(env)
+        root = self.storage_root
         if "://" in root or os.path.isabs(root):
             return sfs.normalize(root)
         return sfs.normalize(str(self._base / root))

@@ -85,7 +85,7 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
             if b_hi <= lo or b_lo >= hi:
                 continue
             batch = batch.slice(max(lo - b_lo, 0), min(hi, b_hi) - max(lo, b_lo))
-            preds = predict(model, encode_features(batch, spec, model.config.hash_buckets))
+            preds = clip_to_range(predict(model, encode_features(batch, spec, model.config.hash_buckets)), spec)
             yield pa.record_batch([batch.column(spec.example_id),
                                    *[pa.array(preds[t.name].astype(np.float32)) for t in spec.tasks]],
                                   schema=schema)
@@ -96,6 +96,16 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
         raise StorageError(f"{uri}: wrote {m.rows} label rows, expected {hi - lo}")
     return {"uri": uri, "rows": m.rows, "teacher_version": teacher.version,
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def clip_to_range(preds: dict[str, np.ndarray], spec: DatasetSpec) -> dict[str, np.ndarray]:
+    """Regression predictions are clipped to the task's declared range (a rating head is
+    unbounded); binary predictions are probabilities already."""
+    out = dict(preds)
+    for t in spec.tasks:
+        if t.kind == "regression" and (t.min is not None or t.max is not None):
+            out[t.name] = np.clip(preds[t.name], t.min, t.max)
+    return out
 
 
 def label_metadata(teacher: registry.Checkpoint, day: dt.date, dataset: str) -> dict[str, Any]:

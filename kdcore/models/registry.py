@@ -106,14 +106,14 @@ def make_version(name: str, day: dt.date, weights: bytes) -> str:
 
 
 def publish_checkpoint(root: str, dataset: str, name: str, day: dt.date, model: MultiTaskRanker,
-                       meta: dict[str, Any]) -> Checkpoint:
+                       meta: dict[str, Any], extra_blobs: dict[str, bytes] | None = None) -> Checkpoint:
     """Publish weights (and, when the model has auxiliary heads, the serving export
     without them) plus metadata; the version is derived from the weights' bytes."""
     weights = model_to_bytes(model)
     meta = dict(meta, name=name, version=make_version(name, day, weights), trained_through=day.isoformat(),
                 model=model.config.model_dump(mode="json"), aux_heads=bool(len(model.aux_heads)),
                 params=model.param_count(), flops_per_example=model.flops_per_example())
-    blobs = {WEIGHTS: weights}
+    blobs = {WEIGHTS: weights, **(extra_blobs or {})}
     if bool(len(model.aux_heads)):
         blobs[SERVING] = model_to_bytes(export_serving(model))
     blobs[META] = (json.dumps(meta, sort_keys=True, indent=1, default=str) + "\n").encode()

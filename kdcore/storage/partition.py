@@ -9,6 +9,7 @@ dataset), never from a directory listing.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -170,15 +171,24 @@ def publish_table(uri: str, table: pa.Table, metadata: Mapping[str, Any] | None 
     return publish_batches(uri, table.schema, [table], metadata, max_rows_per_file)
 
 
-def publish_blobs(uri: str, blobs: Mapping[str, bytes], metadata: Mapping[str, Any] | None = None) -> Manifest:
-    """Publish named byte objects (checkpoints, JSON, HTML) with the same guarantees."""
+def publish_blobs(uri: str, blobs: Mapping[str, bytes], metadata: Mapping[str, Any] | None = None,
+                  keep_names: bool = False) -> Manifest:
+    """Publish named byte objects (checkpoints, JSON, HTML) with the same guarantees.
+
+    Each file is stored under a content-addressed name; with ``keep_names`` the names are
+    kept and the whole set goes into a content-addressed folder instead, so relative links
+    between the files (an HTML site) keep working."""
     uri = sfs.normalize(uri)
     entries = []
-    for name in sorted(blobs):
+    digests = {name: hashlib.sha256(blobs[name]).hexdigest() for name in sorted(blobs)}
+    folder = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+    for name, sha in digests.items():
         data = blobs[name]
-        sha = hashlib.sha256(data).hexdigest()
-        stem, dot, ext = name.rpartition(".")
-        stored = f"{stem}-{sha[:16]}.{ext}" if dot else f"{name}-{sha[:16]}"
+        if keep_names:
+            stored = f"{folder}/{name}"
+        else:
+            stem, dot, ext = name.rpartition(".")
+            stored = f"{stem}-{sha[:16]}.{ext}" if dot else f"{name}-{sha[:16]}"
         target = sfs.join(uri, stored)
         if not sfs.exists(target):
             sfs.write_bytes_atomic(target, data)

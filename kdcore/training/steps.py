@@ -57,6 +57,9 @@ def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: Ran
                        distill: DistillConfig, soft: dict[str, np.ndarray] | None,
                        extra: dict[str, Any], fingerprint: dict[str, Any], epochs: int | None = None,
                        progressive: bool = True) -> dict[str, Any]:
+    """Warm/cold start, progressive evaluation, training, publish. The teacher's
+    checkpoint also carries the reference profile of its recent training window, which
+    the quality gate compares with the students' day."""
     start = time.perf_counter()
     model = _warm_or_cold(cfg, parent, model_cfg, aux, data, day)
     metrics = evaluate(model, data) if (progressive and parent is not None) else None
@@ -67,7 +70,13 @@ def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: Ran
             "progressive": {"date": day.isoformat(), "metrics": metrics} if metrics else None,
             "train": train, "rows_day": len(data), "rows_seen": rows_seen, "fingerprint": fingerprint,
             "train_seconds": round(time.perf_counter() - start, 3), **extra}
-    ckpt = registry.publish_checkpoint(cfg.root, cfg.spec.name, name, day, model, meta)
+    blobs = None
+    if role == "teacher":
+        from kdcore.quality.daily import PROFILE, window_profile
+
+        window = max(cfg.gate.profile_window_days, len(data.days))
+        blobs = {PROFILE: window_profile(cfg.root, cfg.spec, day, window)}
+    ckpt = registry.publish_checkpoint(cfg.root, cfg.spec.name, name, day, model, meta, blobs)
     return {"name": name, "version": ckpt.version, "uri": ckpt.uri, "parent": meta["parent"],
             "trained_through": day.isoformat(), "progressive": metrics, "skipped": False}
 

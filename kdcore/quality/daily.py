@@ -1,0 +1,91 @@
+"""The daily data-quality and shift gate for date D.
+
+Compares the reference profile of the teacher that labelled D (its training window,
+stored with its checkpoint at refresh) with the students' day D, checks the labels
+(coverage, validity, calibration, staleness), validates D with a great-expectations
+suite generated from the profile, and decides what students may do. Everything it saw
+is published under ``<root>/quality/<dataset>/date=D/`` (decision, figures, Data Docs)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kdcore.config import PipelineConfig
+from kdcore.data import examples
+from kdcore.data.spec import DatasetSpec
+from kdcore.errors import StorageError
+from kdcore.models import registry
+from kdcore.quality.gate import CheckResult, evaluate_gate
+from kdcore.quality.labels_check import check_labels
+from kdcore.quality.profile import Profile, build_profile
+from kdcore.quality.shift import compare
+from kdcore.storage import fs as sfs
+from kdcore.storage import partition as part
+
+log = logging.getLogger(__name__)
+PROFILE = "profile.json"
+
+
+def window_profile(root: str, spec: DatasetSpec, through: dt.date, days: int) -> bytes:
+    """Profile of the (published) days in (through - days, through]: the teacher's recent
+    training window. Streams the days; nothing is held but the profile's counters."""
+    window = [d for d in examples.list_days(root, spec.name) if through - dt.timedelta(days=days) < d <= through]
+    batches = (b for d in window for b in examples.iter_day(root, spec, d, columns=spec.required_columns))
+    return build_profile(batches, spec, n_days=max(len(window), 1)).model_dump_json().encode()
+
+
+def quality_uri(cfg: PipelineConfig, day: dt.date) -> str:
+    return sfs.join(cfg.root, "quality", cfg.spec.name, f"date={day.isoformat()}")
+
+
+def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, Any]:
+    spec = cfg.spec
+    labels_manifest = part.read_manifest(labels_uri)
+    meta = labels_manifest.metadata
+    teacher = registry.read_checkpoint(meta["teacher_uri"])
+    try:
+        profile = Profile.model_validate_json(part.read_blob(teacher.uri, PROFILE))
+    except StorageError:
+        raise StorageError(f"{teacher.uri}: teacher checkpoint has no reference profile ({PROFILE}); "
+                           f"refresh the teacher with this version of kdcore") from None
+    data = examples.read_day(cfg.root, spec, day)
+    labels = part.read_table(labels_uri, manifest=labels_manifest)  # raw: dtype errors are checks
+    shift = compare(profile, data, spec)
+    checks = check_labels(labels, data, spec, int(meta["staleness_days"]))
+    decision = evaluate_gate(shift, checks, cfg.gate)
+    with tempfile.TemporaryDirectory(prefix="kd-gx-") as tmp:
+        from kdcore.quality.expectations import validate_day
+
+        gx = validate_day(data, profile, spec, shift, tmp, run_name=f"{spec.name}-{day.isoformat()}")
+        docs = {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+    # Expectations inform (warn) but do not by themselves stop distillation.
+    gx_check = CheckResult(name="expectations", value=float(gx.unsuccessful), warn=0.0, fail=float("inf"),
+                           status="warn" if gx.unsuccessful else "pass",
+                           detail=f"{gx.unsuccessful} of {gx.evaluated} expectations failed"
+                                  + (f": {', '.join(gx.failed_expectations[:5])}" if gx.failed_expectations else ""))
+    checks_all = [*decision.checks, gx_check]
+    status = decision.status if decision.status == "fail" or gx_check.status == "pass" else "warn"
+    decision = decision.model_copy(update={"checks": checks_all, "status": status})
+    summary = decision.summary()
+    record = {"date": day.isoformat(), "status": decision.status, "action": decision.action, "summary": summary,
+              "teacher_version": teacher.version, "labels_uri": labels_uri,
+              "checks": [c.model_dump(mode="json") for c in checks_all]}
+    blobs = {"decision.json": _json(record), "shift.json": shift.model_dump_json(indent=1).encode(),
+             "labels_check.json": checks.model_dump_json(indent=1).encode(),
+             **{f"data_docs/{k}": v for k, v in docs.items()}}
+    uri = quality_uri(cfg, day)
+    manifest = part.publish_blobs(uri, blobs, {"kind": "gate", "date": day.isoformat(),
+                                               "status": decision.status}, keep_names=True)
+    log.log(logging.WARNING if decision.status != "pass" else logging.INFO, "%s: %s", day, summary)
+    return {"status": decision.status, "action": decision.action, "summary": summary, "uri": uri,
+            "data_docs": sfs.join(uri, manifest.file("data_docs/index.html").path) if "index.html" in docs else None,
+            "checks": {c.name: {"value": c.value, "status": c.status} for c in checks_all}}
+
+
+def _json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode()
