@@ -79,7 +79,8 @@ def _plot(cfg: PipelineConfig, rows, gates) -> dict[str, bytes]:
         fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
         plt.close(fig)
         out[f"metrics_{t.name}.png"] = buf.getvalue()
-    shift_cols = [c for c in ("psi", "js", "label_drift", "calibration", "staleness_days") if any(c in g for g in gates)]
+    keys = sorted({k for g in gates for k in g})
+    shift_cols = [k for k in keys if k.split(":")[0] in ("psi", "js", "label_drift", "calibration", "staleness_days")]
     if gates and shift_cols:
         fig, axes = plt.subplots(len(shift_cols), 1, figsize=(10, 2.4 * len(shift_cols)), squeeze=False)
         days = np.array([g["date"] for g in gates], dtype="datetime64[D]")
