@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
 from kdcore.data.spec import DatasetSpec, load_spec
 from kdcore.distill.config import DistillConfig
@@ -39,8 +39,6 @@ class Policies(Strict):
     label_lag_days: int = Field(0, ge=0, description="labels for D come from a teacher through D - lag")
     missing_labels: Literal["error", "hard_labels_only"] = Field(
         "error", description="what a student does when an example has no teacher label")
-    reject_teacher_if_ne_above: float | None = Field(
-        None, gt=0, description="keep the last good teacher when the refreshed one's progressive NE is above this")
 
 
 class LabelsConfig(Strict):
@@ -65,16 +63,18 @@ class PipelineConfig(Strict):
     torch_threads: int = Field(2, ge=1, le=64)
     _base: Path = PrivateAttr(default=Path("."))
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> PipelineConfig:
-        names = [s.name for s in self.students]
+    @field_validator("students")
+    @classmethod
+    def _unique_names(cls, students: list[StudentConfig], info: ValidationInfo) -> list[StudentConfig]:
+        names = [s.name for s in students]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"student names must be unique; repeated: {dupes}")
-        reserved = {self.teacher.name, CONTROL} & set(names)
+        teacher = info.data.get("teacher")
+        reserved = {teacher.name if teacher else "teacher", CONTROL} & set(names)
         if reserved or any(n.startswith(CONTROL + "_") for n in names):
             raise ValueError(f"student names may not be the teacher's name or start with '{CONTROL}': {sorted(reserved) or names}")
-        return self
+        return students
 
     @property
     def root(self) -> str:

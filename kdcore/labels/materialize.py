@@ -84,8 +84,11 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
             offset = b_hi
             if b_hi <= lo or b_lo >= hi:
                 continue
-            batch = batch.slice(max(lo - b_lo, 0), min(hi, b_hi) - max(lo, b_lo))
+            # Score the whole stored batch, then slice: the same rows always go through the
+            # same batch shapes, so labels are bitwise identical whatever the shard count.
             preds = clip_to_range(predict(model, encode_features(batch, spec, model.config.hash_buckets)), spec)
+            s, n = max(lo - b_lo, 0), min(hi, b_hi) - max(lo, b_lo)
+            batch, preds = batch.slice(s, n), {k: v[s:s + n] for k, v in preds.items()}
             yield pa.record_batch([batch.column(spec.example_id),
                                    *[pa.array(preds[t.name].astype(np.float32)) for t in spec.tasks]],
                                   schema=schema)

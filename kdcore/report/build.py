@@ -72,7 +72,8 @@ def _plot(cfg: PipelineConfig, rows, gates) -> dict[str, bytes]:
             ax.set_ylabel(f"{t.name} {metric}")
             ax.grid(alpha=0.3)
         axes[0, 0].set_title(f"{cfg.spec.name}: progressive {t.name} metrics per day")
-        axes[0, 0].legend(fontsize=8, ncol=3)
+        if models:
+            axes[0, 0].legend(fontsize=8, ncol=3)
         fig.autofmt_xdate()
         fig.tight_layout()
         buf = io.BytesIO()

@@ -1,0 +1,295 @@
+"""Teacher labels: deterministic sharded materialization with one commit, one directory
+per teacher version, the staleness policy, and the join by example id."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.pipeline_fixtures)
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from kdcore.config import Policies
+from kdcore.data.movielens import SPEC_PATH
+from kdcore.data.spec import load_spec
+from kdcore.errors import DataError, LineageError, StorageError
+from kdcore.labels import materialize as mat
+from kdcore.labels.join import join_labels, read_labels
+from kdcore.labels.store import labels_uri, list_label_versions, shard_uri
+from kdcore.models import registry
+from kdcore.storage import partition as part
+from kdcore.training import steps
+from kdcore.training.data import load_days
+from tests.pipeline_fixtures import KD, copy_root, kd, kd_base, local, tree_digest  # noqa: F401  (fixtures)
+
+DS = "movielens"
+
+
+def _parquet_files(uri: str) -> dict[str, bytes]:
+    base = local(uri)
+    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*.parquet"))}
+
+
+def _with_policies(kd: KD, **kw):
+    """A copy of the config with other policies (same base path and storage root)."""
+    cfg = kd.cfg.model_copy(update={"policies": Policies(**{**kd.cfg.policies.model_dump(), **kw})})
+    cfg._base = kd.cfg._base
+    return cfg
+
+
+# ---------------------------------------------------------------- materialization
+
+
+def test_materialize_is_deterministic_and_idempotent(kd: KD, kd_base, tmp_path, monkeypatch):
+    cfg, B = kd.cfg, kd.B
+    out = mat.materialize(cfg, B)
+    uri = out["uri"]
+    teacher = kd.boot["teacher"]["version"]
+    assert uri == labels_uri(cfg.root, DS, B, teacher)
+    assert out["changed"] is True and out["teacher_version"] == teacher
+    files = _parquet_files(uri)
+    assert len(files) == cfg.labels.shards
+    before = tree_digest(local(uri))
+    manifest = (local(uri) / "_MANIFEST.json").read_bytes()
+
+    # A second materialization of the same date changes nothing.
+    again = mat.materialize(cfg, B)
+    assert again["changed"] is False and again["uri"] == uri
+    assert (local(uri) / "_MANIFEST.json").read_bytes() == manifest
+    assert tree_digest(local(uri)) == before
+
+    # A fresh copy of the root (same teacher) gives byte-identical label files.
+    other = copy_root(kd_base, tmp_path / "other")
+    monkeypatch.setenv("KD_STORAGE_ROOT", str(other))
+    out2 = mat.materialize(cfg, B)
+    assert out2["uri"] != uri and out2["teacher_version"] == teacher
+    assert _parquet_files(out2["uri"]) == files
+    assert part.read_manifest(out2["uri"]).files == part.read_manifest(uri).files
+
+
+def test_label_manifest_metadata(kd: KD):
+    cfg, B, D = kd.cfg, kd.B, kd.day(2)
+    out = mat.materialize(cfg, D)  # newest teacher is through B: two days stale
+    m = part.read_manifest(out["uri"])
+    teacher = registry.find_version(cfg.root, DS, "teacher", kd.boot["teacher"]["version"])
+    rows = load_days(cfg.root, cfg.spec, [D]).table.num_rows
+    assert m.metadata["kind"] == "teacher_labels"
+    assert m.metadata["date"] == D.isoformat()
+    assert m.metadata["teacher_version"] == teacher.version
+    assert m.metadata["teacher_uri"] == teacher.uri
+    assert m.metadata["teacher_trained_through"] == B.isoformat()
+    assert m.metadata["staleness_days"] == (D - B).days == out["staleness_days"]
+    assert m.metadata["shards"] == cfg.labels.shards
+    assert m.rows == out["rows"] == rows
+    assert m.schema.names == ["example_id", "like", "rating"]
+
+
+def test_labels_are_the_teacher_predictions(kd: KD):
+    from kdcore.training.loop import predict
+
+    cfg, B = kd.cfg, kd.B
+    uri = mat.materialize(cfg, kd.day(1))["uri"]
+    table, _ = read_labels(uri, cfg.spec)
+    data = load_days(cfg.root, cfg.spec, [kd.day(1)])
+    assert table.column("example_id").to_pylist() == data.example_ids.to_pylist()
+    teacher = registry.find_checkpoint(cfg.root, DS, "teacher", B).load(cfg.spec)
+    want = predict(teacher, data.features(teacher.config.hash_buckets))
+    np.testing.assert_allclose(table.column("like").to_numpy(), want["like"], rtol=1e-6, atol=1e-6)
+    # The rating head is unbounded: its labels are clipped to the task's declared range.
+    rating = cfg.spec.task("rating")
+    np.testing.assert_allclose(table.column("rating").to_numpy(), np.clip(want["rating"], rating.min, rating.max),
+                               rtol=1e-6, atol=1e-6)
+    assert ((table.column("like").to_numpy() > 0) & (table.column("like").to_numpy() < 1)).all()
+
+
+def test_sharded_commit_equals_unsharded(kd: KD):
+    cfg, B = kd.cfg, kd.B
+    teacher = kd.boot["teacher"]["version"]
+    rows = load_days(cfg.root, cfg.spec, [B]).table.num_rows
+    s0 = mat.materialize_shard(cfg, B, 0, 2)
+    s1 = mat.materialize_shard(cfg, B, 1, 2)
+    assert s0["rows"] + s1["rows"] == rows and s0["rows"] == rows // 2
+    assert not part.is_published(labels_uri(cfg.root, DS, B, teacher))  # invisible until commit
+    c = mat.commit(cfg, B, teacher, 2)
+    sharded, _ = read_labels(c["uri"], cfg.spec)
+
+    u = mat.materialize(cfg, B, shards=1)
+    assert u["uri"] == c["uri"] and u["rows"] == rows
+    unsharded, _ = read_labels(u["uri"], cfg.spec)
+    assert sharded.num_rows == unsharded.num_rows == rows
+    assert sharded.column("example_id").equals(unsharded.column("example_id"))
+    ids = load_days(cfg.root, cfg.spec, [B]).example_ids
+    assert sharded.column("example_id").combine_chunks().equals(ids)  # the day's order
+    for t in ("like", "rating"):
+        np.testing.assert_allclose(sharded.column(t).to_numpy(), unsharded.column(t).to_numpy(),
+                                   rtol=1e-6, atol=0)
+
+
+def test_sharded_labels_are_bitwise_identical_to_unsharded(kd: KD):
+    cfg = kd.cfg
+    for day in (kd.B, kd.day(1), kd.day(2)):
+        whole, _ = read_labels(mat.materialize(cfg, day, shards=1)["uri"], cfg.spec)
+        for shards in (2, 3):
+            split, _ = read_labels(mat.materialize(cfg, day, shards=shards)["uri"], cfg.spec)
+            assert split.equals(whole), (day, shards)
+
+
+def test_commit_refuses_missing_shard_and_row_mismatch(kd: KD):
+    cfg, B = kd.cfg, kd.B
+    teacher = kd.boot["teacher"]["version"]
+    mat.materialize_shard(cfg, B, 0, 3)
+    mat.materialize_shard(cfg, B, 2, 3)
+    with pytest.raises(StorageError, match=r"shard 1/3 is not published"):
+        mat.commit(cfg, B, teacher, 3)
+    assert not part.is_published(labels_uri(cfg.root, DS, B, teacher))
+
+    # Shard 1 published with too few rows (a truncated writer): the commit counts rows.
+    shard0, _ = read_labels(shard_uri(cfg.root, DS, B, teacher, 0, 3), cfg.spec)
+    part.publish_table(shard_uri(cfg.root, DS, B, teacher, 1, 3), shard0.slice(0, 5))
+    with pytest.raises(StorageError, match=r"rows across 3 shards; the day has \d+ examples"):
+        mat.commit(cfg, B, teacher, 3)
+    assert not part.is_published(labels_uri(cfg.root, DS, B, teacher))
+
+
+def test_other_teacher_version_gets_its_own_directory(kd: KD):
+    cfg, D = kd.cfg, kd.day(1)
+    old = kd.boot["teacher"]["version"]
+    first = mat.materialize(cfg, D)  # teacher through B (no refresh yet)
+    assert first["teacher_version"] == old and first["staleness_days"] == 1
+    first_files = tree_digest(local(first["uri"]))
+
+    new = steps.teacher_step(cfg, D)["version"]
+    second = mat.materialize(cfg, D)  # now the fresh teacher through D
+    assert second["teacher_version"] == new != old
+    assert second["staleness_days"] == 0
+    assert second["uri"] != first["uri"]
+    assert tree_digest(local(first["uri"])) == first_files
+    assert list_label_versions(cfg.root, DS, D) == sorted([old, new])
+    a, _ = read_labels(first["uri"], cfg.spec)
+    b, _ = read_labels(second["uri"], cfg.spec)
+    assert a.column("example_id").equals(b.column("example_id"))
+    assert not np.array_equal(a.column("like").to_numpy(), b.column("like").to_numpy())
+
+
+def test_staleness_policy_and_pinned_teacher(kd: KD):
+    cfg, B = kd.cfg, kd.B
+    max_stale = cfg.policies.max_label_staleness_days
+    old = kd.boot["teacher"]["version"]
+    ok_day = B + dt.timedelta(days=max_stale)
+    stale_day = B + dt.timedelta(days=max_stale + 1)
+    assert mat.choose_teacher(cfg, ok_day).version == old
+    with pytest.raises(LineageError, match=rf"{old} is {max_stale + 1} days stale"):
+        mat.choose_teacher(cfg, stale_day)
+    stale_dates = [d for d in kd.days if (d - B).days > max_stale]
+    with pytest.raises(LineageError, match="max_label_staleness_days"):
+        mat.materialize(cfg, stale_dates[0])
+
+    # A pinned version bypasses both the newest-teacher choice and the staleness limit.
+    newer = steps.teacher_step(cfg, kd.day(1))["version"]
+    assert mat.choose_teacher(cfg, kd.day(1)).version == newer
+    assert mat.choose_teacher(cfg, kd.day(1), old).version == old
+    out = mat.materialize(cfg, stale_dates[0], teacher_version=old)
+    assert out["teacher_version"] == old
+    assert out["staleness_days"] == (stale_dates[0] - B).days > max_stale
+    # A teacher trained after the day is refused even when pinned.
+    with pytest.raises(LineageError, match="after"):
+        mat.choose_teacher(cfg, B, newer)
+
+    # The policy is a setting: a zero-day limit refuses yesterday's teacher.
+    strict = _with_policies(kd, max_label_staleness_days=0)
+    assert mat.choose_teacher(strict, kd.day(1)).version == newer
+    with pytest.raises(LineageError, match="0 days|is 1 days stale"):
+        mat.choose_teacher(strict, kd.day(2))
+
+
+def test_label_lag_policy_uses_older_teacher(kd: KD):
+    steps.teacher_step(kd.cfg, kd.day(1))
+    lagged = _with_policies(kd, label_lag_days=1)
+    D = kd.day(1)
+    assert mat.choose_teacher(lagged, D).version == kd.boot["teacher"]["version"]
+    assert mat.choose_teacher(kd.cfg, D).trained_through == D
+
+
+def test_no_teacher_at_all(kd: KD):
+    with pytest.raises(LineageError, match="no teacher checkpoint"):
+        mat.choose_teacher(kd.cfg, kd.days[0])
+
+
+# ---------------------------------------------------------------- join
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec(SPEC_PATH)
+
+
+def _labels_table(ids, like, rating) -> pa.Table:
+    return pa.table({"example_id": pa.array(ids, pa.int64()), "like": pa.array(like, pa.float32()),
+                     "rating": pa.array(rating, pa.float32())})
+
+
+def test_join_aligns_shuffled_labels(spec):
+    ids = pa.array([101, 205, 307, 409, 511, 613], pa.int64())
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(ids))
+    lab_ids = np.asarray(ids)[order]
+    table = _labels_table(lab_ids, lab_ids / 1000.0, lab_ids % 5 + 1.0)
+    j = join_labels(ids, table, spec, "mem", metadata={"teacher_version": "t"})
+    assert j.missing == 0 and j.present.all()
+    np.testing.assert_array_equal(j.soft["like"], (np.asarray(ids) / 1000.0).astype(np.float32))
+    np.testing.assert_array_equal(j.soft["rating"], (np.asarray(ids) % 5 + 1.0).astype(np.float32))
+    assert j.metadata == {"teacher_version": "t"}
+
+
+def test_join_rejects_missing_ids(spec):
+    ids = pa.array([1, 2, 3, 4, 5], pa.int64())
+    table = _labels_table([5, 1, 3], [0.5, 0.1, 0.3], [5.0, 1.0, 3.0])
+    with pytest.raises(DataError, match=r"mem: 2 of 5 examples have no teacher label"):
+        join_labels(ids, table, spec, "mem")
+
+
+def test_join_hard_labels_only_returns_present_mask(spec):
+    ids = pa.array([1, 2, 3, 4, 5], pa.int64())
+    table = _labels_table([5, 1, 3], [0.5, 0.1, 0.3], [5.0, 1.0, 3.0])
+    j = join_labels(ids, table, spec, "mem", on_missing="hard_labels_only")
+    assert j.present.tolist() == [True, False, True, False, True]
+    assert j.missing == 2
+    np.testing.assert_array_equal(j.soft["like"][j.present], np.float32([0.1, 0.3, 0.5]))
+    assert np.isnan(j.soft["like"][~j.present]).all() and np.isnan(j.soft["rating"][~j.present]).all()
+
+
+def test_join_rejects_duplicate_ids(spec):
+    ids = pa.array([1, 2, 3], pa.int64())
+    table = _labels_table([1, 2, 2, 3, 3, 3], [0.1] * 6, [1.0] * 6)
+    with pytest.raises(DataError, match=r"mem: 3 duplicate example ids"):
+        join_labels(ids, table, spec, "mem")
+    # Even when every example is covered and the policy tolerates missing labels.
+    with pytest.raises(DataError, match="duplicate"):
+        join_labels(ids, table, spec, "mem", on_missing="hard_labels_only")
+
+
+def test_join_rejects_id_type_mismatch(spec):
+    ids = pa.array(["1", "2"], pa.string())
+    with pytest.raises(DataError, match="id type"):
+        join_labels(ids, _labels_table([1, 2], [0.1, 0.2], [1.0, 2.0]), spec, "mem")
+
+
+def test_student_with_missing_labels_policy_trains_on_labelled_rows(kd: KD):
+    """End to end: labels of D with a few rows removed; 'error' refuses, the
+    'hard_labels_only' policy trains on the labelled rows only."""
+    cfg, D = kd.cfg, kd.day(1)
+    teacher = kd.boot["teacher"]["version"]
+    full = mat.materialize(cfg, D)
+    table, meta = read_labels(full["uri"], cfg.spec)
+    holed = labels_uri(cfg.root, DS, D, teacher + "x")  # a separate (fake) labels partition
+    part.publish_table(holed, table.slice(3), meta)
+    with pytest.raises(DataError, match="3 of"):
+        steps.student_step(cfg, "student_direct", D, holed)
+    lenient = _with_policies(kd, missing_labels="hard_labels_only")
+    out = steps.student_step(lenient, "student_direct", D, holed)
+    meta = registry.find_checkpoint(cfg.root, DS, "student_direct", D).meta
+    assert out["version"] == meta["version"]
+    assert meta["labels_missing"] == 3 and meta["kd_applied"] is True
+    assert meta["rows_day"] == table.num_rows - 3
+
