@@ -66,4 +66,7 @@ def default_root() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m kdcore.cli`: sub-commands register on the imported module, not on __main__
+    from kdcore.cli import main as _main
+
+    sys.exit(_main())

@@ -175,3 +175,66 @@ def report_cmd(args: argparse.Namespace) -> int:
     print(result["markdown"])
     print(f"\nreport written to {result['uri']}")
     return 0
+
+
+@command("teacher", "search", help="successive-halving search of teacher configs, judged by a proxy student's gain")
+@arg("--config", default="configs/teacher_search.yaml", help="teacher search config YAML")
+@arg("--root", default=None, help="search root (default: search_root of the config)")
+@arg("--budget-seconds", type=float, default=None, help="override budget.seconds")
+@arg("--run-id", default=None, help="run id (default: UTC timestamp)")
+def teacher_search_cmd(args: argparse.Namespace) -> int:
+    import sys
+
+    from kdcore.search.config import load_search
+    from kdcore.search.run import run_search
+
+    cfg = load_search(args.config, {"search_root": args.root, "budget.seconds": args.budget_seconds})
+    result = run_search(cfg, args.run_id, command="kd " + " ".join(sys.argv[1:]))
+    print(sfs_read(result["uris"]["markdown"]))
+    print(json.dumps({"winner": result["winner"], **result["uris"]}, indent=1))
+    return 0
+
+
+def sfs_read(uri: str) -> str:
+    from kdcore.storage import fs as sfs
+
+    return sfs.read_bytes(uri).decode()
+
+
+@command("teacher", "promote", help="show (and with --write apply) the search winner's teacher block")
+@arg("--search-result", required=True, help="result.json URI of a teacher search")
+@arg(*CONFIG[0], **CONFIG[1])
+@arg("--name", default=None, help="teacher name (default: <old name>_<candidate>)")
+@arg("--write", action="store_true", help="rewrite the teacher block of --config (nothing else changes)")
+def teacher_promote_cmd(args: argparse.Namespace) -> int:
+    from kdcore.search.promote import promote
+
+    out = promote(args.search_result, args.config, write=args.write, name=args.name)
+    print(out["diff"] or "(no change)")
+    verb = "written to" if out["written"] else "NOT written (dry run; pass --write to apply) to"
+    print(f"teacher '{out['teacher_name']}' from candidate '{out['candidate']}' {verb} {out['config']}; "
+          f"bootstrap the new teacher (window {out['bootstrap_days']} days) with `kd bootstrap` before the next run")
+    return 0
+
+
+@command("experiments", help="run the KD studies (modes, freshness, teacher size, shared labels, synth shift) "
+         "through the daily pipeline and write <out>/results.md with plots")
+@arg("--smoke", action="store_true", help="every study, tiny: few days, 1 seed, tiny models (CI)")
+@arg("--out", default="docs", help="directory for results.md and results/*.png")
+@arg("--seeds", type=int, default=None, help="model seeds (default 3; smoke 1)")
+@arg("--days", type=int, default=None, help="evaluated days per dataset (default 60; smoke 4)")
+@arg("--root", default="var/experiments", help="storage root of the experiment runs (reused when re-run)")
+def experiments_cmd(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from kdcore.experiments import Settings, run_experiments
+
+    command = "kd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["experiments"] \
+        else "kd experiments"
+    st = Settings.make(args.smoke, args.seeds, args.days, args.root, args.out, command)
+    res = run_experiments(st)
+    print(json.dumps({"results": res["report"]["path"], "plots": len(res["report"]["plots"]),
+                      "wall_seconds": round(res["wall_seconds"], 1),
+                      "shared_labels_identical": res["datasets"].get("movielens", {}).get("shared", {}).get("identical")}))
+    return 0 if res["datasets"].get("movielens", {}).get("shared", {}).get("identical", True) else 1

@@ -1,0 +1,63 @@
+"""kd_teacher_search: choose the teacher's configuration within a budget (issue 7).
+
+setup → [plan_rung_k → train_candidate_k[candidate] → close_rung_k] x MAX_RUNGS → report.
+
+Successive halving: every candidate teacher gets a short run (bootstrap, a few daily
+steps of teacher refresh + labels + a proxy student distilling next to the control);
+candidates are ranked by the *student's* progressive NE gain over the control; the best
+1/eta continue warm from their checkpoints with more days, until the budget is spent or
+one remains. Manual trigger only; nothing here changes the daily pipeline: promote the
+winner explicitly with ``kd teacher promote --search-result <uri> --config ... --write``.
+See docs/teacher_search.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from airflow.sdk import Param, dag
+
+from operators import teacher_search as t
+
+
+@dag(
+    dag_id="kd_teacher_search",
+    description="Teacher configuration search by successive halving, judged by a proxy student's gain",
+    schedule=None,  # manual trigger only
+    start_date=dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": 1, "retry_delay": dt.timedelta(seconds=30), "owner": "kd",
+                  "execution_timeout": dt.timedelta(hours=2)},
+    params={
+        "config": Param(t.DEFAULT_CONFIG, type="string", minLength=1,
+                        description="candidates file: teacher search YAML (relative to the repo)"),
+        "budget_seconds": Param(None, type=["null", "number"], exclusiveMinimum=0,
+                                description="override budget.seconds (work seconds of the whole search)"),
+        "bootstrap_end": Param(None, type=["null", "string"], format="date",
+                               description="override window.bootstrap_end (YYYY-MM-DD)"),
+        "validation_days": Param(None, type=["null", "integer"], minimum=2,
+                                 description="override window.validation_days"),
+        "proxy_student": Param(None, type=["null", "object"],
+                               description="override proxy_student: {model: {...}, distill: {...}, bootstrap_days}"),
+        "root": Param(None, type=["null", "string"], description="override search_root"),
+        "run_id": Param(None, type=["null", "string"], pattern="^[A-Za-z0-9_.-]{1,80}$",
+                        description="search run id (default: the DAG run id)"),
+    },
+    tags=["kd", "search"],
+    doc_md=__doc__,
+)
+def kd_teacher_search():
+    run = t.setup()
+    prev = run
+    for k in range(t.MAX_RUNGS):
+        items = t.plan_rung.override(task_id=f"plan_rung_{k}")(run, k)
+        trained = t.train_candidate.override(task_id=f"train_rung_{k}").partial().expand_kwargs(items)
+        closed = t.close_rung.override(task_id=f"close_rung_{k}")(run, k)
+        prev >> items
+        trained >> closed
+        prev = closed
+    prev >> t.report(run)
+
+
+kd_teacher_search()
