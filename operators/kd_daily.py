@@ -1,0 +1,289 @@
+"""Airflow tasks of the daily KD pipeline (``dags/kd_daily.py`` wires them).
+
+Each task is a thin shell over one ``kdcore`` function. Nothing heavy is imported at
+module level: kdcore pulls in torch and pyarrow, so it is imported inside the task bodies
+(the DAG processor re-parses the DAG file every 30 s; the workers pay the import once per
+task). Tasks pass a small JSON *plan* and URIs through XCom, never data.
+
+The plan (output of ``resolve``) fixes, once per run, everything the other tasks need:
+the partition date, the config path, the stages, the students, the teacher pin and
+``force``. Every task is idempotent for the same plan (the library is), so retrying a
+task or clearing a whole date leaves the same outputs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Asset, AssetAlias, PokeReturnValue, TriggerRule, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+log = logging.getLogger(__name__)
+
+# Mirrors kdcore.pipeline.STAGES (checked by tests/test_dag_integrity.py; not imported: heavy).
+STAGES = ("teacher", "labels", "gate", "students", "report")
+POOL = "kd_training"
+POOL_SLOTS_DEFAULT = 2
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+GATE_TASK_ID = "quality_gate"
+DECISION_KEY = "decision"
+
+# Assets other DAGs can schedule on. Logical URIs (the storage root is only known at run
+# time, from the config and KD_STORAGE_ROOT); the concrete URIs travel in the events' extra.
+TEACHER_ASSET = Asset(name="kd_teacher_checkpoint", uri="kd://pipeline/teacher")
+LABELS_ASSET = Asset(name="kd_teacher_labels", uri="kd://pipeline/labels")
+STUDENTS_ALIAS = AssetAlias(name="kd_student_checkpoints")
+
+
+def student_asset(name: str) -> Asset:
+    """The asset of one student's (or control's) checkpoints, emitted through STUDENTS_ALIAS."""
+    return Asset(name=f"kd_student_{name}", uri=f"kd://pipeline/students/{name}")
+
+
+def config_path() -> str:
+    """The pipeline config: ``$KD_PIPELINE_CONFIG`` or the repo's configs/demo.yaml."""
+    path = Path(os.environ.get("KD_PIPELINE_CONFIG") or DEFAULT_CONFIG)
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    return str(path.resolve())
+
+
+def resolve_date(param_date: str | None, run_type: str | None, interval_start: Any) -> dt.date:
+    """The one partition date a run processes.
+
+    Scheduled and backfill runs process their data interval's start: with
+    ``CronDataIntervalTimetable("0 0 * * *")`` the run for D covers [D, D+1). Other runs
+    (manual, asset-triggered) have no trustworthy interval (a manual run with logical
+    date D gets [D-1, D), one without a logical date has none), so they must name the
+    date in ``params.date``.
+    """
+    run_type = str(getattr(run_type, "value", run_type) or "")
+    if run_type in ("scheduled", "backfill"):
+        if interval_start is None:
+            raise AirflowFailException(f"{run_type} run without a data interval: cannot resolve its date")
+        day = interval_start.date() if isinstance(interval_start, dt.datetime) else interval_start
+        if param_date and dt.date.fromisoformat(param_date) != day:
+            raise AirflowFailException(
+                f"params.date={param_date} contradicts this {run_type} run's partition {day}; "
+                f"do not set 'date' in a backfill's --dag-run-conf")
+        return day
+    if not param_date:
+        raise AirflowFailException(
+            f"a {run_type or 'manual'} run must name its partition: trigger with conf "
+            f'{{"date": "YYYY-MM-DD"}} (params.date); the logical date of a manual run is not used')
+    try:
+        return dt.date.fromisoformat(param_date)
+    except ValueError:
+        raise AirflowFailException(f"params.date must be YYYY-MM-DD, got {param_date!r}") from None
+
+
+def _cfg(plan: dict[str, Any]):
+    from kdcore.config import load_pipeline
+
+    return load_pipeline(plan["config"])
+
+
+def _day(plan: dict[str, Any]) -> dt.date:
+    return dt.date.fromisoformat(plan["date"])
+
+
+def _label(text: str) -> None:
+    """Name a mapped task instance in the UI (map_index_template="{{ map_label }}")."""
+    get_current_context()["map_label"] = text  # type: ignore[typeddict-unknown-key]
+
+
+@task(task_id="resolve")
+def resolve(**context: Any) -> dict[str, Any]:
+    """Fix the run's plan: date, config, stages, students (validated against the config)."""
+    from kdcore.errors import KDError
+
+    params, dag_run = context["params"], context["dag_run"]
+    day = resolve_date(params.get("date"), getattr(dag_run, "run_type", None),
+                       context.get("data_interval_start"))
+    stages = list(params.get("stages") or STAGES)
+    unknown_stages = sorted(set(stages) - set(STAGES))
+    if unknown_stages:
+        raise AirflowFailException(f"unknown stages {unknown_stages}; known: {list(STAGES)}")
+    path = config_path()
+    try:
+        from kdcore.config import load_pipeline
+
+        cfg = load_pipeline(path)
+    except KDError as e:
+        raise AirflowFailException(f"pipeline config {path}: {e}") from None
+    known = [s.name for s in cfg.all_students()]
+    wanted = list(params.get("students") or [])
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise AirflowFailException(f"params.students: unknown {unknown}; configured in {path}: {known}")
+    students = [n for n in known if not wanted or n in wanted]  # config order, deterministic
+    plan = {"date": day.isoformat(), "config": path, "root": cfg.root, "dataset": cfg.spec.name,
+            "stages": [s for s in STAGES if s in stages],
+            "students": students if "students" in stages else [],
+            "teacher_version": params.get("teacher_version") or None,
+            "force": bool(params.get("force")), "shards": cfg.labels.shards}
+    log.info("plan for %s: %s", day, plan)
+    return plan
+
+
+@task(task_id="student_fanout")
+def student_fanout(plan: dict[str, Any]) -> list[str]:
+    """The students (and controls) this run trains: the mapped training task expands over
+    this list, read from the pipeline config at run time (empty: 'students' not selected)."""
+    return list(plan["students"])
+
+
+@task.sensor(task_id="wait_for_examples", mode="reschedule",
+             poke_interval=float(os.environ.get("KD_SENSOR_POKE_SECONDS", "300")),
+             timeout=float(os.environ.get("KD_SENSOR_TIMEOUT_SECONDS", str(12 * 3600))),
+             execution_timeout=dt.timedelta(minutes=10))
+def wait_for_examples(plan: dict[str, Any]) -> PokeReturnValue:
+    """D's examples partition is published (its manifest exists)."""
+    from kdcore.data.examples import examples_uri
+    from kdcore.storage.partition import is_published
+
+    uri = examples_uri(plan["root"], plan["dataset"], plan["date"])
+    done = is_published(uri)
+    log.info("%s published: %s", uri, done)
+    return PokeReturnValue(is_done=done, xcom_value=uri if done else None)
+
+
+@task(task_id="refresh_teacher", pool=POOL, outlets=[TEACHER_ASSET],
+      execution_timeout=dt.timedelta(hours=2))
+def refresh_teacher(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
+    """Progressive-evaluate the teacher through D-1 on D, then train it on D. The parent
+    is found by lineage (newest checkpoint before D), not by assuming D-1 ran."""
+    if "teacher" not in plan["stages"]:
+        raise AirflowSkipException("stage 'teacher' not selected")
+    if plan["teacher_version"]:
+        raise AirflowSkipException(f"teacher pinned to {plan['teacher_version']}: no refresh")
+    from kdcore import pipeline
+
+    out = pipeline.refresh_teacher(_cfg(plan), _day(plan), plan["force"])
+    context["outlet_events"][TEACHER_ASSET].extra = {
+        "date": plan["date"], "version": out["version"], "uri": out["uri"], "parent": out.get("parent")}
+    return out
+
+
+@task(task_id="choose_teacher", trigger_rule=TriggerRule.ALL_DONE)
+def choose_teacher(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The teacher that labels D (pinned, or the newest allowed by the staleness policy).
+
+    Runs even when the refresh failed: the last good teacher then stays in use, within
+    ``policies.max_label_staleness_days`` (the refresh task stays red in the UI).
+    Returns the keyword arguments of the shard tasks, one dict per shard (none when the
+    'labels' stage is not selected: the mapped shard task is then skipped)."""
+    if "labels" not in plan["stages"]:
+        return []
+    from kdcore.data.examples import examples_uri
+    from kdcore.errors import KDError
+    from kdcore.labels import materialize as mat
+    from kdcore.storage.partition import is_published
+
+    cfg, day = _cfg(plan), _day(plan)
+    if not is_published(examples_uri(cfg.root, cfg.spec.name, day)):
+        raise AirflowFailException(f"examples of {day} are not published; nothing to label")
+    try:
+        ckpt = mat.choose_teacher(cfg, day, plan["teacher_version"])
+    except KDError as e:
+        raise AirflowFailException(str(e)) from None
+    staleness = (day - ckpt.trained_through).days
+    if staleness > 0:
+        log.warning("labels for %s come from %s, %d day(s) stale", day, ckpt.version, staleness)
+    return [{"teacher_version": ckpt.version, "shard": i} for i in range(plan["shards"])]
+
+
+@task(task_id="materialize_labels", map_index_template="{{ map_label }}")
+def materialize_shard(plan: dict[str, Any], teacher_version: str, shard: int) -> dict[str, Any]:
+    """Score shard ``shard`` of D's examples with the chosen teacher (published, not yet visible)."""
+    _label(f"shard {shard}/{plan['shards']}")
+    from kdcore.labels import materialize as mat
+
+    return mat.materialize_shard(_cfg(plan), _day(plan), shard, plan["shards"], teacher_version)
+
+
+@task(task_id="commit_labels", outlets=[LABELS_ASSET], trigger_rule=TriggerRule.NONE_FAILED)
+def commit_labels(plan: dict[str, Any], shards: list[dict[str, Any]], **context: Any) -> dict[str, Any]:
+    """Make every shard visible at once (one manifest); emits the labels asset event."""
+    if "labels" not in plan["stages"] or not shards:
+        raise AirflowSkipException("stage 'labels' not selected")
+    teacher_version = shards[0]["teacher_version"]
+    from kdcore.labels import materialize as mat
+
+    out = mat.commit(_cfg(plan), _day(plan), teacher_version, plan["shards"])
+    context["outlet_events"][LABELS_ASSET].extra = {
+        "date": plan["date"], "uri": out["uri"], "teacher_version": teacher_version, "rows": out["rows"]}
+    return out
+
+
+@task(task_id=GATE_TASK_ID, trigger_rule=TriggerRule.NONE_FAILED)
+def quality_gate(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
+    """Decide what the students do on D: pass / warn (distil, warning logged) / fail.
+
+    The decision is pushed to XCom (key ``decision``) in every case. On ``fail`` the task
+    then fails (red in the UI, no retry: the data will not change) and the students react
+    per the action (train on hard labels only, or skip)."""
+    if not {"gate", "students"} & set(plan["stages"]):
+        raise AirflowSkipException("stages 'gate' and 'students' not selected")
+    from kdcore import pipeline
+
+    cfg, day = _cfg(plan), _day(plan)
+    needs_labels = any(s.distill.uses_teacher for s in cfg.students)
+    labels = pipeline.find_labels(cfg, day, plan["teacher_version"]) if needs_labels else None
+    if "gate" in plan["stages"] and labels:
+        result = pipeline.gate(cfg, day, labels)
+    else:
+        why = "no student uses teacher labels" if not labels else "stage 'gate' not selected"
+        result = {"status": "not_run", "action": "distill", "summary": why}
+    decision = {**result, "date": plan["date"], "labels_uri": labels}
+    context["ti"].xcom_push(key=DECISION_KEY, value=decision)
+    status, action = decision["status"], decision["action"]
+    if status == "warn":
+        log.warning("quality gate WARN for %s (students distil): %s", day, decision.get("summary"))
+    elif status == "fail":
+        log.error("quality gate FAIL for %s -> students: %s. %s", day, action, decision.get("summary"))
+        raise AirflowFailException(f"quality gate failed for {day}: students {action}; {decision.get('summary')}")
+    else:
+        log.info("quality gate %s for %s: %s", status, day, decision.get("summary"))
+    return decision
+
+
+@task(task_id="train_student", pool=POOL, outlets=[STUDENTS_ALIAS], trigger_rule=TriggerRule.ALL_DONE,
+      map_index_template="{{ map_label }}", execution_timeout=dt.timedelta(hours=2))
+def train_student(plan: dict[str, Any], name: str, **context: Any) -> dict[str, Any]:
+    """Progressive-evaluate student ``name`` on D, then warm-start and train it on D, as the
+    gate decided. Runs after the gate whatever its state; without a decision it fails."""
+    _label(name)
+    decision = context["ti"].xcom_pull(task_ids=GATE_TASK_ID, key=DECISION_KEY)
+    if not decision or decision.get("date") != plan["date"]:
+        raise AirflowFailException(f"no quality-gate decision for {plan['date']} "
+                                   f"(task '{GATE_TASK_ID}' did not decide): student '{name}' not trained")
+    action = decision["action"]
+    if action == "skip_students":
+        raise AirflowSkipException(f"gate {decision['status']}: students do not train on {plan['date']}")
+    from kdcore.training import steps
+
+    cfg = _cfg(plan)
+    labels = decision.get("labels_uri") if cfg.student(name).distill.uses_teacher else None
+    out = steps.student_step(cfg, name, _day(plan), labels, action, plan["force"])
+    context["outlet_events"][STUDENTS_ALIAS].add(student_asset(name), extra={
+        "date": plan["date"], "student": name, "version": out.get("version"), "uri": out.get("uri"),
+        "action": action})
+    return out
+
+
+@task(task_id="report", trigger_rule=TriggerRule.NONE_FAILED)
+def report(plan: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild the report (per-day metrics, KD gain, gate figures) over every published day."""
+    if "report" not in plan["stages"]:
+        raise AirflowSkipException("stage 'report' not selected")
+    from kdcore.report.build import build_report
+
+    out = build_report(_cfg(plan))
+    log.info("report for %s written to %s\n%s", plan["date"], out["uri"], out.get("markdown", ""))
+    return {"uri": out["uri"], "files": out.get("files"), "date": plan["date"]}
