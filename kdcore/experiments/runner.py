@@ -1,0 +1,460 @@
+"""Run the KD studies through the daily pipeline's own functions.
+
+Layout under ``<root>/<smoke|full>/<dataset>/``: ``data/`` holds the published examples;
+``seed<s>/`` is one storage root per model seed (teachers have a fixed seed, so the
+teachers and the labels of ``seed0`` are symlinked into the other seed roots instead of
+being retrained); ``shared/<student>/`` are the roots of the shared-labels study, where a
+student repeats its days with its own teacher inference.
+
+One storage root holds every study of a seed, each study a group of students with its own
+PipelineConfig (distinct model names; the teacher of the size study has its own name):
+
+* ``main``  : teacher (size ``main_size``), lag 0 — aux, direct, aux_adapter, direct_adapter
+  and the pipeline's control (same shape, no KD);
+* ``lag<k>``: same teacher, ``policies.label_lag_days = k`` — aux_lag<k>, direct_lag<k>;
+* ``size<m>``: teacher_x<m>, lag 0 — aux_x<m>.
+
+Every model warm-starts from a bootstrap on the days before the daily window; students of
+one shape share one bootstrap (trained once, republished under each name). The daily
+window is ``max(lags)`` warm-up days followed by the evaluated days; only the evaluated
+days enter the comparisons.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcore import pipeline
+from kdcore.config import PipelineConfig
+from kdcore.data import examples
+from kdcore.errors import LineageError
+from kdcore.evaluation.metrics import task_metrics
+from kdcore.labels import materialize as mat
+from kdcore.labels.join import load_joined
+from kdcore.labels.store import labels_uri
+from kdcore.models import registry
+from kdcore.storage import partition as part
+from kdcore.training import steps
+from kdcore.training.data import load_days
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+SPECS = {"movielens": REPO / "configs" / "movielens.yaml", "synth": REPO / "configs" / "synth.yaml"}
+ADAPTER = {"enabled": True, "hidden": 0, "epochs": 50, "lr": 0.05}
+DISTILL: dict[str, dict[str, Any]] = {
+    "aux": {"mode": "auxiliary", "auxiliary": {"loss_weight": 1.0, "soft_label_scale": 1.0, "grad_scale": 1.0}},
+    "direct": {"mode": "direct", "direct": {"soft_weight": 0.5, "temperature": 1.0}},
+    "aux_adapter": {"mode": "auxiliary", "adapter": ADAPTER},
+    "direct_adapter": {"mode": "direct", "direct": {"soft_weight": 0.5, "temperature": 1.0}, "adapter": ADAPTER},
+}
+METRICS = ("auc", "ne", "gauc")
+
+
+@dataclass
+class Settings:
+    smoke: bool = False
+    seeds: int = 3
+    days: int = 60
+    root: str = "var/experiments"
+    out: str = "docs"
+    lags: tuple[int, ...] = (0, 1, 3, 7, 14)
+    sizes: tuple[int, ...] = (1, 2, 4, 8)
+    main_size: int = 4
+    student_embedding: int = 8
+    student_hidden: tuple[int, ...] = (32, 16)
+    hash_buckets: int = 2048
+    teacher_epochs: int = 2
+    boot_epochs: int = 2
+    ml_boot_days: int | None = None  # None: every MovieLens day before the daily window
+    synth_boot_days: int = 40
+    synth_rows: int = 1000
+    synth_users: int = 3000
+    synth_items: int = 1500
+    synth_shift_after: int = 20  # evaluated synth days before the sudden shift
+    shared_students: tuple[str, ...] = ("aux", "direct", "aux_adapter")
+    datasets: tuple[str, ...] = ("movielens", "synth")
+    size_datasets: tuple[str, ...] = ("movielens",)  # the size study on synth would exceed the time budget
+    command: str = ""
+
+    @classmethod
+    def make(cls, smoke: bool = False, seeds: int | None = None, days: int | None = None,
+             root: str = "var/experiments", out: str = "docs", command: str = "") -> Settings:
+        if smoke:
+            return cls(smoke=True, seeds=seeds or 1, days=days or 4, root=root, out=out, lags=(0, 1, 2),
+                       size_datasets=("movielens", "synth"),
+                       student_embedding=2, student_hidden=(4,), hash_buckets=256, teacher_epochs=1,
+                       boot_epochs=1, ml_boot_days=6, synth_boot_days=5, synth_rows=300, synth_users=300,
+                       synth_items=150, synth_shift_after=2, command=command)
+        return cls(seeds=seeds or 3, days=days or 60, root=root, out=out, command=command)
+
+    @property
+    def warmup(self) -> int:
+        return max(self.lags)
+
+    def student_model(self, seed: int) -> dict[str, Any]:
+        return {"embedding_dim": self.student_embedding, "hidden": list(self.student_hidden),
+                "hash_buckets": self.hash_buckets, "lr": 0.003, "batch_size": 256, "epochs": 1, "seed": seed}
+
+    def teacher_model(self, size: int) -> dict[str, Any]:
+        return {"embedding_dim": self.student_embedding * size, "hidden": [h * size for h in self.student_hidden],
+                "hash_buckets": self.hash_buckets, "lr": 0.003, "batch_size": 256, "epochs": self.teacher_epochs,
+                "seed": 0}
+
+    def teacher_name(self, size: int) -> str:
+        return "teacher" if size == self.main_size else f"teacher_x{size}"
+
+
+@dataclass
+class Dataset:
+    name: str
+    data_root: str
+    boot_through: dt.date
+    boot_days: int
+    daily: list[dt.date]
+    eval: list[dt.date]
+    shift: dt.date | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Group:
+    key: str
+    size: int
+    lag: int
+    students: list[str]
+
+
+def sizes_for(st: Settings, dataset: str) -> tuple[int, ...]:
+    return st.sizes if dataset in st.size_datasets else (st.main_size,)
+
+
+def groups(st: Settings, dataset: str = "movielens") -> list[Group]:
+    out = [Group("main", st.main_size, 0, list(DISTILL))]
+    out += [Group(f"lag{k}", st.main_size, k, [f"aux_lag{k}", f"direct_lag{k}"]) for k in st.lags if k]
+    out += [Group(f"size{m}", m, 0, [f"aux_x{m}"]) for m in sizes_for(st, dataset) if m != st.main_size]
+    return out
+
+
+def distill_of(name: str) -> dict[str, Any]:
+    return DISTILL[name.split("_lag")[0].split("_x")[0]]
+
+
+def make_cfg(st: Settings, ds: Dataset, root: str, g: Group, seed: int, students: list[str] | None = None) -> PipelineConfig:
+    names = students or g.students
+    return PipelineConfig.model_validate({
+        "dataset": str(SPECS[ds.name]), "storage_root": str(Path(root).resolve()),
+        "teacher": {"name": st.teacher_name(g.size), "model": st.teacher_model(g.size)},
+        "students": [{"name": n, "model": st.student_model(seed), "distill": distill_of(n)} for n in names],
+        "policies": {"max_label_staleness_days": 100_000, "label_lag_days": g.lag, "missing_labels": "error"},
+        "labels": {"shards": 1, "batch_rows": 65_536},
+        "bootstrap": {"days": ds.boot_days, "epochs": st.boot_epochs},
+        "torch_threads": 1,  # 2 threads on the shared 2-core machine are ~10x slower (contention)
+    })
+
+
+# --- data -------------------------------------------------------------------------------
+
+def _link(target: str | Path, link: str | Path) -> None:
+    link = Path(link)
+    if link.is_symlink() or link.exists():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(Path(target).resolve(), link)
+
+
+def prepare_movielens(st: Settings, base: Path) -> Dataset:
+    from kdcore.data import movielens
+    from kdcore.data.spec import load_spec
+
+    spec = load_spec(SPECS["movielens"])
+    data_root = str(base / "data")
+    have = set(examples.list_days(data_root, spec.name))
+    if len(have) < 213:
+        ratings, users, items, src = movielens.load_raw(movielens.fetch_widedeep_copy())
+        table = movielens.build_examples(ratings, users, items, src).select(spec.required_columns)
+        by_day = examples.split_by_date(table, spec.timestamp)
+        all_days = sorted(by_day)
+        need = st.days + st.warmup + (st.ml_boot_days or len(all_days))
+        for d in all_days[-need:]:
+            if d not in have:
+                examples.publish_day(data_root, spec, d, [by_day[d]], {"source": "movielens-100k"})
+    days = examples.list_days(data_root, spec.name)
+    ev = days[-st.days:]
+    daily = days[-(st.days + st.warmup):]
+    before = days[:len(days) - len(daily)]
+    boot_days = st.ml_boot_days or len(before)
+    if len(before) < boot_days or not before:
+        raise ValueError(f"movielens: {len(before)} days before the daily window, need {boot_days}")
+    return Dataset("movielens", data_root, before[-1], boot_days, daily, ev,
+                   info={"rows_per_day": round(float(np.mean([part.read_manifest(examples.examples_uri(
+                       data_root, spec.name, d)).rows or 0 for d in ev])), 1)})
+
+
+def prepare_synth(st: Settings, base: Path) -> Dataset:
+    from kdcore.data import synth
+
+    spec = synth.dataset_spec()
+    start = dt.date(2026, 1, 1)
+    total = st.synth_boot_days + st.warmup + st.days
+    days = [start + dt.timedelta(days=i) for i in range(total)]
+    ev = days[-st.days:]
+    shift = ev[min(st.synth_shift_after, len(ev) - 1)]
+    cfg = synth.SynthConfig(seed=0, rows_per_day=st.synth_rows, n_users=st.synth_users, n_items=st.synth_items,
+                            new_items_per_day=max(st.synth_items // 100, 1), start_date=start, shift_date=shift)
+    data_root = str(base / "data")
+    have = set(examples.list_days(data_root, spec.name))
+    for d in days:
+        if d not in have:
+            examples.publish_day(data_root, spec, d, synth.generate_day(cfg, d),
+                                 {"source": "synth", "synth": cfg.model_dump(mode="json")})
+    daily = days[st.synth_boot_days:]
+    return Dataset("synth", data_root, days[st.synth_boot_days - 1], st.synth_boot_days, daily, ev, shift,
+                   info={"rows_per_day": st.synth_rows, "synth": cfg.model_dump(mode="json")})
+
+
+# --- running ----------------------------------------------------------------------------
+
+class Timings:
+    """Teacher inference seconds per label set, persisted so a resumed run keeps them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.data[key] = seconds
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=0, sort_keys=True))
+
+
+def label_teacher(cfg: PipelineConfig, day: dt.date) -> str:
+    """The teacher version that labels ``day``: the pipeline's choice (newest through
+    ``day - label_lag_days``), or, on warm-up days where no daily teacher is that old yet,
+    a pin to the oldest (bootstrap) teacher."""
+    try:
+        return mat.choose_teacher(cfg, day).version
+    except LineageError:
+        first = min(registry.list_checkpoints(cfg.root, cfg.spec.name, cfg.teacher.name))
+        return registry.find_checkpoint(cfg.root, cfg.spec.name, cfg.teacher.name, first).version
+
+
+def ensure_labels(cfg: PipelineConfig, day: dt.date, timings: Timings) -> str:
+    """Materialize the labels the config's students read for ``day`` unless committed."""
+    version = label_teacher(cfg, day)
+    uri = labels_uri(cfg.root, cfg.spec.name, day, version)
+    if not part.is_published(uri):
+        t0 = time.perf_counter()
+        mat.materialize(cfg, day, version)
+        timings.add(f"{cfg.root}|{day}|{version}", time.perf_counter() - t0)
+    return uri
+
+
+def clone_checkpoint(cfg: PipelineConfig, src: str, dst: str, day: dt.date) -> None:
+    """Republish ``src``'s checkpoint through ``day`` as ``dst`` (identical weights): students
+    of one shape share one bootstrap instead of training it once per name."""
+    ds = cfg.spec.name
+    if day in registry.list_checkpoints(cfg.root, ds, dst):
+        return
+    ck = registry.find_checkpoint(cfg.root, ds, src, day)
+    drop = {"name", "version", "trained_through", "model", "aux_heads", "params", "flops_per_example"}
+    meta = {k: v for k, v in ck.meta.items() if k not in drop}
+    meta["cloned_from"] = ck.version
+    registry.publish_checkpoint(cfg.root, ds, dst, day, ck.load(cfg.spec), meta)
+
+
+def seed_root(base: Path, seed: int) -> Path:
+    return base / f"seed{seed}"
+
+
+def setup_root(st: Settings, ds: Dataset, base: Path, seed: int) -> Path:
+    root = seed_root(base, seed)
+    _link(Path(ds.data_root) / "examples" / ds.name, root / "examples" / ds.name)
+    if seed:
+        r0 = seed_root(base, 0)
+        for m in sizes_for(st, ds.name):
+            _link(r0 / "models" / ds.name / st.teacher_name(m), root / "models" / ds.name / st.teacher_name(m))
+        _link(r0 / "labels" / ds.name, root / "labels" / ds.name)
+    return root
+
+
+def bootstrap_seed(st: Settings, ds: Dataset, root: Path, seed: int) -> None:
+    gs = groups(st, ds.name)
+    main = make_cfg(st, ds, str(root), gs[0], seed, students=["aux", "direct"])
+    steps.bootstrap(main, ds.boot_through)  # teacher (or its symlinked copy), aux, direct, control
+    for g in gs:
+        for name in g.students:
+            if name not in ("aux", "direct"):
+                clone_checkpoint(main, "aux" if distill_of(name)["mode"] == "auxiliary" else "direct", name,
+                                 ds.boot_through)
+    for g in gs[1:]:
+        if g.size != st.main_size:
+            steps.bootstrap(make_cfg(st, ds, str(root), g, seed), ds.boot_through)
+
+
+def run_seed(st: Settings, ds: Dataset, base: Path, seed: int, timings: Timings, progress: bool = True) -> None:
+    root = setup_root(st, ds, base, seed)
+    bootstrap_seed(st, ds, root, seed)
+    gs = groups(st, ds.name)
+    cfgs = {g.key: make_cfg(st, ds, str(root), g, seed) for g in gs}
+    teacher_cfgs = {g.size: cfgs[g.key] for g in gs if g.lag == 0}
+    it = ds.daily
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(ds.daily, desc=f"{ds.name} seed {seed}", unit="day")
+    for day in it:
+        if seed == 0:  # teachers and labels are seed-independent: seeds > 0 read them via symlinks
+            for cfg in teacher_cfgs.values():
+                pipeline.refresh_teacher(cfg, day)
+            for g in gs:
+                ensure_labels(cfgs[g.key], day, timings)
+        for g in gs:
+            cfg = cfgs[g.key]
+            labels = pipeline.find_labels(cfg, day, label_teacher(cfg, day))
+            names = g.students + (["control"] if g.key == "main" else [])
+            pipeline.train_students(cfg, day, labels, "distill", names)
+
+
+def run_shared_labels(st: Settings, ds: Dataset, base: Path, timings: Timings) -> dict[str, Any]:
+    """Study 4: each shared student repeats the evaluated days in its own root with its own
+    teacher inference; its checkpoints must equal those trained from the shared label set."""
+    r0 = seed_root(base, 0)
+    main = groups(st, ds.name)[0]
+    tname = st.teacher_name(st.main_size)
+    out: dict[str, Any] = {"students": list(st.shared_students), "days": len(ds.eval), "per_student": {}}
+    shared_s = [timings.data.get(f"{make_cfg(st, ds, str(r0), main, 0).root}|{d}|"
+                                 f"{label_teacher(make_cfg(st, ds, str(r0), main, 0), d)}")
+                for d in ds.eval]
+    for name in st.shared_students:
+        root = base / "shared" / name
+        _link(Path(ds.data_root) / "examples" / ds.name, root / "examples" / ds.name)
+        _link(r0 / "models" / ds.name / tname, root / "models" / ds.name / tname)
+        cfg = make_cfg(st, ds, str(root), main, 0, students=[name])
+        src = registry.latest_before(str(r0), ds.name, name, ds.eval[0])
+        assert src is not None
+        dst = Path(_local(registry.checkpoint_uri(cfg.root, ds.name, name, src)))
+        if not dst.exists():
+            shutil.copytree(_local(registry.checkpoint_uri(str(r0), ds.name, name, src)), dst)
+        same, inf = 0, []
+        for day in ds.eval:
+            uri = ensure_labels(cfg, day, timings)
+            inf.append(timings.data.get(f"{cfg.root}|{day}|{label_teacher(cfg, day)}"))
+            res = pipeline.train_students(cfg, day, uri, "distill", [name])[name]
+            ref = registry.find_checkpoint(str(r0), ds.name, name, day)
+            mine = registry.find_checkpoint(cfg.root, ds.name, name, day)
+            same += int(res["version"] == ref.version and part.read_blob(mine.uri, registry.WEIGHTS)
+                        == part.read_blob(ref.uri, registry.WEIGHTS))
+        out["per_student"][name] = {"identical_days": same, "inference_seconds": _sum(inf)}
+    out["identical"] = all(v["identical_days"] == len(ds.eval) for v in out["per_student"].values())
+    out["shared_inference_seconds"] = _sum(shared_s)
+    indep = [v["inference_seconds"] for v in out["per_student"].values()]
+    out["independent_inference_seconds"] = _sum(indep)
+    n = len(st.shared_students)
+    per = out["independent_inference_seconds"] / n if out["independent_inference_seconds"] is not None else None
+    out["saved_seconds"] = per * (n - 1) if per is not None else None
+    return out
+
+
+def _local(uri: str) -> str:
+    return uri.removeprefix("file://")
+
+
+def _sum(xs: list[float | None]) -> float | None:
+    return float(sum(xs)) if xs and all(x is not None for x in xs) else None
+
+
+# --- collecting -------------------------------------------------------------------------
+
+def _binary_task(cfg: PipelineConfig) -> str:
+    return next(t.name for t in cfg.spec.tasks if t.kind == "binary")
+
+
+def _pick(m: dict[str, float] | None) -> dict[str, float | None]:
+    m = m or {}
+    return {k: (float(m[k]) if m.get(k) is not None and np.isfinite(m[k]) else None) for k in METRICS}
+
+
+def collect(st: Settings, ds: Dataset, base: Path, timings: Timings) -> dict[str, Any]:
+    gs = groups(st, ds.name)
+    r0 = seed_root(base, 0)
+    cfg0 = make_cfg(st, ds, str(r0), gs[0], 0)
+    task = _binary_task(cfg0)
+    students: dict[str, dict[str, dict[str, Any]]] = {}
+    for seed in range(st.seeds):
+        root = str(seed_root(base, seed))
+        for name in ["control", *[n for g in gs for n in g.students]]:
+            per = students.setdefault(name, {}).setdefault(str(seed), {})
+            for day in ds.eval:
+                meta = registry.find_checkpoint(root, ds.name, name, day).meta
+                per[day.isoformat()] = _pick(((meta.get("progressive") or {}).get("metrics") or {}).get(task))
+    teachers: dict[str, Any] = {}
+    for m in sizes_for(st, ds.name):
+        name = st.teacher_name(m)
+        ckpts = [registry.find_checkpoint(str(r0), ds.name, name, d) for d in ds.eval]
+        boot = registry.find_checkpoint(str(r0), ds.name, name, ds.boot_through)
+        cfg = make_cfg(st, ds, str(r0), next(g for g in gs if g.size == m and g.lag == 0), 0)
+        inf = [timings.data.get(f"{cfg.root}|{d}|{label_teacher(cfg, d)}") for d in ds.eval]
+        teachers[str(m)] = {
+            "name": name, "params": ckpts[-1].meta["params"], "flops_per_example": ckpts[-1].meta["flops_per_example"],
+            "train_seconds_per_day": float(np.mean([c.meta["train_seconds"] for c in ckpts])),
+            "bootstrap_seconds": boot.meta["train_seconds"],
+            "inference_seconds_per_day": float(np.mean(inf)) if all(x is not None for x in inf) else None,
+            "metrics": {d.isoformat(): _pick(c.meta["progressive"]["metrics"][task]) for d, c in zip(ds.eval, ckpts)},
+        }
+    student_ck = registry.find_checkpoint(str(r0), ds.name, "control", ds.eval[-1]).meta
+    labels: dict[str, Any] = {}
+    for g in gs:
+        if g.size != st.main_size:
+            continue
+        cfg = make_cfg(st, ds, str(r0), g, 0)
+        per: dict[str, Any] = {}
+        for day in ds.eval:
+            teacher = registry.find_version(cfg.root, ds.name, cfg.teacher.name, label_teacher(cfg, day))
+            data = load_days(cfg.root, cfg.spec, [day])
+            joined = load_joined(labels_uri(cfg.root, ds.name, day, teacher.version), data.example_ids, cfg.spec, day)
+            m = task_metrics("binary", data.hard[task], joined.soft[task], data.groups)
+            per[day.isoformat()] = {**_pick(m), "staleness": (day - teacher.trained_through).days}
+        labels[str(g.lag)] = per
+    return {"dataset": ds.name, "task": task, "eval": [d.isoformat() for d in ds.eval],
+            "shift": ds.shift.isoformat() if ds.shift else None, "boot_through": ds.boot_through.isoformat(),
+            "boot_days": ds.boot_days, "daily_from": ds.daily[0].isoformat(), "info": ds.info,
+            "student_params": student_ck["params"], "student_flops": student_ck["flops_per_example"],
+            "students": students, "teachers": teachers, "labels": labels}
+
+
+def run_experiments(st: Settings, progress: bool = True) -> dict[str, Any]:
+    """Run every study on every dataset, then write ``<out>/results.md`` and plots."""
+    from kdcore.experiments.report import WALL, write_report
+
+    start = time.perf_counter()
+    mode = "smoke" if st.smoke else "full"
+    results: dict[str, Any] = {"settings": {k: (list(v) if isinstance(v, tuple) else v)
+                                            for k, v in st.__dict__.items()}, "datasets": {}}
+    for name in st.datasets:
+        base = Path(st.root).resolve() / mode / name
+        ds = prepare_movielens(st, base) if name == "movielens" else prepare_synth(st, base)
+        timings = Timings(base / "timings.json")
+        for seed in range(st.seeds):
+            run_seed(st, ds, base, seed, timings, progress)
+        res = collect(st, ds, base, timings)
+        if name == "movielens":
+            res["shared"] = run_shared_labels(st, ds, base, timings)
+        results["datasets"][name] = res
+    results["wall_seconds"] = time.perf_counter() - start
+    out_json = Path(st.root).resolve() / mode / "results.json"
+    out_json.write_text(json.dumps(results, indent=1, sort_keys=True))
+    results["report"] = write_report(results, st.out)
+    total = time.perf_counter() - start
+    md = Path(results["report"]["path"])
+    md.write_text(md.read_text().replace(WALL, f"{total:.0f} s ({total / 60:.1f} min)"))
+    results["wall_seconds_total"] = total
+    return results
