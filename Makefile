@@ -18,7 +18,10 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kd data movielens --root $(DEMO_ROOT)
+	DEMO_ROOT=$(DEMO_ROOT) $(BIN)/python scripts/demo.py
+
+ui: $(STAMP)
+	DEMO_ROOT=$(DEMO_ROOT) scripts/ui.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -133,7 +133,7 @@ def init_airflow(env: Mapping[str, str]) -> None:
     airflow(["pools", "set", POOL, "2", "KD training (teacher + students)"], env)
 
 
-def create_backfill(env: Mapping[str, str], first: dt.date, last: dt.date, attempts: int = 5) -> str:
+def create_backfill(env: Mapping[str, str], first: dt.date, last: dt.date, attempts: int = 10) -> str:
     """``airflow backfill create`` for the partitions first..last, one run at a time.
     Retried while SQLite is locked by the scheduler (the embedded default has one writer)."""
     args = ["backfill", "create", "--dag-id", DAG_ID, "--from-date", first.isoformat(),
@@ -145,7 +145,7 @@ def create_backfill(env: Mapping[str, str], first: dt.date, last: dt.date, attem
         if "database is locked" not in proc.stdout + proc.stderr or attempt == attempts - 1:
             raise AssertionError(f"airflow {' '.join(args)} exited {proc.returncode}:\n"
                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        time.sleep(2)
+        time.sleep(3)
     raise AssertionError("unreachable")
 
 
