@@ -109,6 +109,7 @@ def _shard(value: str) -> tuple[int, int]:
 @arg("--date", required=True, type=_day)
 @arg("--shard", type=_shard, default=None, help="i/n: publish only shard i of n (then run `kd labels commit`)")
 @arg("--teacher-version", default=None, help="pin a teacher version instead of the newest allowed")
+@arg("--force", action="store_true", help="recompute labels that are already committed")
 def labels_materialize(args: argparse.Namespace) -> int:
     from kdcore.labels import materialize as mat
 
@@ -116,7 +117,7 @@ def labels_materialize(args: argparse.Namespace) -> int:
     if args.shard:
         _print(mat.materialize_shard(cfg, args.date, args.shard[0], args.shard[1], args.teacher_version))
     else:
-        _print(mat.materialize(cfg, args.date, args.teacher_version))
+        _print(mat.materialize(cfg, args.date, args.teacher_version, force=args.force))
     return 0
 
 

@@ -25,8 +25,9 @@ def refresh_teacher(cfg: PipelineConfig, day: dt.date, force: bool = False) -> d
     return steps.teacher_step(cfg, day, force=force)
 
 
-def materialize_labels(cfg: PipelineConfig, day: dt.date, teacher_version: str | None = None) -> dict[str, Any]:
-    return mat.materialize(cfg, day, teacher_version)
+def materialize_labels(cfg: PipelineConfig, day: dt.date, teacher_version: str | None = None,
+                       force: bool = False) -> dict[str, Any]:
+    return mat.materialize(cfg, day, teacher_version, force=force)
 
 
 def find_labels(cfg: PipelineConfig, day: dt.date, teacher_version: str | None = None) -> str:
@@ -64,7 +65,7 @@ def run_day(cfg: PipelineConfig, day: dt.date, stages: Iterable[str] = STAGES,
             log.error("teacher refresh for %s failed: %s", day, e)
             out["teacher"] = {"error": str(e)}
     if "labels" in stages:
-        out["labels"] = materialize_labels(cfg, day, teacher_version)
+        out["labels"] = materialize_labels(cfg, day, teacher_version, force)
     needs_labels = any(s.distill.uses_teacher for s in cfg.students)
     labels = find_labels(cfg, day, teacher_version) if needs_labels and {"gate", "students"} & stages else None
     action: steps.GateAction = "distill"

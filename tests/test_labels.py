@@ -53,9 +53,12 @@ def test_materialize_is_deterministic_and_idempotent(kd: KD, kd_base, tmp_path, 
     before = tree_digest(local(uri))
     manifest = (local(uri) / "_MANIFEST.json").read_bytes()
 
-    # A second materialization of the same date changes nothing.
+    # A second materialization of the same date changes nothing: committed labels are
+    # reused without inference, and a forced recomputation yields the same bytes.
     again = mat.materialize(cfg, B)
-    assert again["changed"] is False and again["uri"] == uri
+    assert again["changed"] is False and again["uri"] == uri and again["reused"] is True
+    forced = mat.materialize(cfg, B, force=True)
+    assert forced["changed"] is False and "reused" not in forced
     assert (local(uri) / "_MANIFEST.json").read_bytes() == manifest
     assert tree_digest(local(uri)) == before
 

@@ -270,3 +270,15 @@ def test_student_rerun_is_noop(kd: KD):
     again = steps.student_step(cfg, "student_aux", D, labels)
     assert again["reused"] is True and again["version"] == first["version"]
     assert tree_digest(ckpt_dir) == before
+
+
+def test_copied_root_still_recognises_its_student_checkpoints(kd: KD, tmp_path, monkeypatch):
+    cfg, D = kd.cfg, kd.day(1)
+    first = steps.student_step(cfg, "student_aux", D, _labels(kd, D))
+    moved = tmp_path / "moved"
+    shutil.copytree(kd.root, moved)
+    monkeypatch.setenv("KD_STORAGE_ROOT", str(moved))
+    from kdcore.pipeline import find_labels
+
+    again = steps.student_step(cfg, "student_aux", D, find_labels(cfg, D))
+    assert again["reused"] is True and again["version"] == first["version"]

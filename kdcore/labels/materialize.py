@@ -147,10 +147,17 @@ def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int)
 
 
 def materialize(cfg: PipelineConfig, day: dt.date, teacher_version: str | None = None,
-                shards: int | None = None) -> dict[str, Any]:
-    """All shards in this process, then commit (the command line's default)."""
+                shards: int | None = None, force: bool = False) -> dict[str, Any]:
+    """All shards in this process, then commit (the command line's default). Labels
+    already committed for this teacher and date are reused: inference is deterministic,
+    so recomputing them would only cost time (``force`` recomputes and re-verifies)."""
     shards = shards or cfg.labels.shards
     version = choose_teacher(cfg, day, teacher_version).version
+    uri = labels_uri(cfg.root, cfg.spec.name, day, version)
+    if not force and part.is_published(uri):
+        m = part.read_manifest(uri)
+        return {"uri": uri, "rows": m.rows, "teacher_version": version, "changed": False, "reused": True,
+                "staleness_days": m.metadata.get("staleness_days"), "bytes": m.bytes}
     for i in range(shards):
         materialize_shard(cfg, day, i, shards, version)
     return commit(cfg, day, version, shards)

@@ -88,6 +88,12 @@ def _summary(ckpt: registry.Checkpoint, reused: bool = True) -> dict[str, Any]:
             "skipped": False, "reused": reused}
 
 
+def _relative(cfg: PipelineConfig, uri: str | None) -> str | None:
+    if uri is None:
+        return None
+    return uri[len(cfg.root):] if uri.startswith(cfg.root) else uri
+
+
 def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict[str, Any]:
     """Refresh the teacher: progressive evaluation of the teacher through D-1 on D, then
     train it on D. A failure raises, so the last good teacher stays in use."""
@@ -117,7 +123,8 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
     if s.distill.uses_teacher and action == "distill" and not labels_uri:
         raise StorageError(f"student '{name}' distills but no teacher labels were given for {day}")
     fp = {"model": s.model.model_dump(mode="json"), "distill": s.distill.model_dump(mode="json"),
-          "labels": labels_uri if use_kd else None, "action": action}
+          # relative to the root, so a copied or moved root still recognises its checkpoints
+          "labels": _relative(cfg, labels_uri) if use_kd else None, "action": action}
     if not force and (ckpt := _existing(cfg, name, day, parent, fp)):
         return _summary(ckpt)
     data = load_days(cfg.root, cfg.spec, [day])
