@@ -28,6 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIG = REPO / "configs" / "demo.yaml"
+sys.path.insert(0, str(REPO))
+from scripts.airflow_env import airflow_env as _airflow_env  # noqa: E402
+
 DAG_ID = "kd_daily"
 
 
@@ -42,32 +45,8 @@ def free_port() -> int:
 
 
 def airflow_env(home: Path, root: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "scripts.airflow_sqlite.CONNECT_ARGS",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "scripts.airflow_sqlite.CONNECT_ARGS_ASYNC",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "KD_PIPELINE_CONFIG": str(CONFIG),
-        "KD_STORAGE_ROOT": str(root),
-        "KD_RETRY_DELAY_SECONDS": "5",
-        "KD_SENSOR_POKE_SECONDS": "10",
-        # the scheduled run for yesterday (wall clock) has no data: give up quickly
-        "KD_SENSOR_TIMEOUT_SECONDS": "30",
-        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-    })
-    return env
+    return _airflow_env(home, root, CONFIG, api_port=port, retry_delay_seconds=5, sensor_poke_seconds=10,
+                        sensor_timeout_seconds=30)
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> str:
