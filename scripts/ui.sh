@@ -15,6 +15,8 @@ export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=scripts.airflow_sqlite.CONNECT_ARGS
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC=scripts.airflow_sqlite.CONNECT_ARGS_ASYNC
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# airflow standalone starts its components as `airflow ...` found on PATH
+export PATH="$REPO/.venv/bin:$PATH"
 export KD_PIPELINE_CONFIG="${KD_PIPELINE_CONFIG:-$REPO/configs/demo.yaml}"
 export KD_STORAGE_ROOT="${KD_STORAGE_ROOT:-$REPO/${DEMO_ROOT:-var/demo}}"
 mkdir -p "$AIRFLOW_HOME"
