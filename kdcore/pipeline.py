@@ -67,7 +67,9 @@ def run_day(cfg: PipelineConfig, day: dt.date, stages: Iterable[str] = STAGES,
     if "labels" in stages:
         out["labels"] = materialize_labels(cfg, day, teacher_version, force)
     needs_labels = any(s.distill.uses_teacher for s in cfg.students)
-    labels = find_labels(cfg, day, teacher_version) if needs_labels and {"gate", "students"} & stages else None
+    labels = None
+    if needs_labels and {"gate", "students"} & stages:  # the commit just made names them already
+        labels = out["labels"]["uri"] if "labels" in out else find_labels(cfg, day, teacher_version)
     action: steps.GateAction = "distill"
     if "gate" in stages and labels:
         out["gate"] = gate(cfg, day, labels)

@@ -17,10 +17,6 @@ import pyarrow.fs as pafs
 from kdcore.errors import StorageError
 
 
-def is_remote(uri: str) -> bool:
-    return uri.startswith("gs://")
-
-
 def normalize(uri: str) -> str:
     """Canonical form: ``gs://b/p`` or ``file:///abs/path`` (no trailing slash)."""
     uri = str(uri)
@@ -109,12 +105,6 @@ def upload_file_atomic(local_path: str, uri: str) -> None:
     else:
         pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=fs)
-
-
-def list_dirs(uri: str) -> list[str]:
-    """Names of the immediate sub-directories of ``uri``, sorted. Derived from a
-    recursive listing because GCS emulators mishandle delimiter (non-recursive) listings."""
-    return sorted({rel.split("/", 1)[0] for rel in list_files(uri) if "/" in rel})
 
 
 def list_files(uri: str) -> list[str]:
