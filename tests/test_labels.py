@@ -38,11 +38,17 @@ def _with_policies(kd: KD, **kw):
     return cfg
 
 
+def _in_sample(kd: KD):
+    """The named in-sample variant: D labelled by the teacher through D (the bootstrap day
+    B can only be labelled this way, no older teacher exists)."""
+    return _with_policies(kd, labels="in_sample", label_lag_days=0)
+
+
 # ---------------------------------------------------------------- materialization
 
 
 def test_materialize_is_deterministic_and_idempotent(kd: KD, kd_base, tmp_path, monkeypatch):
-    cfg, B = kd.cfg, kd.B
+    cfg, B = _in_sample(kd), kd.B
     out = mat.materialize(cfg, B)
     uri = out["uri"]
     teacher = kd.boot["teacher"]["version"]
@@ -107,7 +113,7 @@ def test_labels_are_the_teacher_predictions(kd: KD):
 
 
 def test_sharded_commit_equals_unsharded(kd: KD):
-    cfg, B = kd.cfg, kd.B
+    cfg, B = _in_sample(kd), kd.B
     teacher = kd.boot["teacher"]["version"]
     rows = load_days(cfg.root, cfg.spec, [B]).table.num_rows
     s0 = mat.materialize_shard(cfg, B, 0, 2)
@@ -130,7 +136,7 @@ def test_sharded_commit_equals_unsharded(kd: KD):
 
 
 def test_sharded_labels_are_bitwise_identical_to_unsharded(kd: KD):
-    cfg = kd.cfg
+    cfg = _in_sample(kd)
     for day in (kd.B, kd.day(1), kd.day(2)):
         whole, _ = read_labels(mat.materialize(cfg, day, shards=1)["uri"], cfg.spec)
         for shards in (2, 3):
@@ -139,7 +145,7 @@ def test_sharded_labels_are_bitwise_identical_to_unsharded(kd: KD):
 
 
 def test_commit_refuses_missing_shard_and_row_mismatch(kd: KD):
-    cfg, B = kd.cfg, kd.B
+    cfg, B = _in_sample(kd), kd.B
     teacher = kd.boot["teacher"]["version"]
     mat.materialize_shard(cfg, B, 0, 3)
     mat.materialize_shard(cfg, B, 2, 3)
@@ -156,7 +162,7 @@ def test_commit_refuses_missing_shard_and_row_mismatch(kd: KD):
 
 
 def test_other_teacher_version_gets_its_own_directory(kd: KD):
-    cfg, D = kd.cfg, kd.day(1)
+    cfg, D = _in_sample(kd), kd.day(1)
     old = kd.boot["teacher"]["version"]
     first = mat.materialize(cfg, D)  # teacher through B (no refresh yet)
     assert first["teacher_version"] == old and first["staleness_days"] == 1
@@ -176,7 +182,7 @@ def test_other_teacher_version_gets_its_own_directory(kd: KD):
 
 
 def test_staleness_policy_and_pinned_teacher(kd: KD):
-    cfg, B = kd.cfg, kd.B
+    cfg, B = _in_sample(kd), kd.B
     max_stale = cfg.policies.max_label_staleness_days
     old = kd.boot["teacher"]["version"]
     ok_day = B + dt.timedelta(days=max_stale)
@@ -200,18 +206,22 @@ def test_staleness_policy_and_pinned_teacher(kd: KD):
         mat.choose_teacher(cfg, B, newer)
 
     # The policy is a setting: a zero-day limit refuses yesterday's teacher.
-    strict = _with_policies(kd, max_label_staleness_days=0)
+    strict = _with_policies(kd, max_label_staleness_days=0, labels="in_sample", label_lag_days=0)
     assert mat.choose_teacher(strict, kd.day(1)).version == newer
     with pytest.raises(LineageError, match="0 days|is 1 days stale"):
         mat.choose_teacher(strict, kd.day(2))
 
 
 def test_label_lag_policy_uses_older_teacher(kd: KD):
-    steps.teacher_step(kd.cfg, kd.day(1))
-    lagged = _with_policies(kd, label_lag_days=1)
     D = kd.day(1)
-    assert mat.choose_teacher(lagged, D).version == kd.boot["teacher"]["version"]
-    assert mat.choose_teacher(kd.cfg, D).trained_through == D
+    fresh = steps.teacher_step(kd.cfg, D)["version"]
+    assert kd.cfg.policies.labels == "out_of_sample" and kd.cfg.policies.label_lag_days == 1  # the default
+    assert mat.choose_teacher(kd.cfg, D).version == kd.boot["teacher"]["version"]  # has not seen D
+    assert mat.choose_teacher(_in_sample(kd), D).version == fresh  # the named in-sample variant
+    steps.teacher_step(kd.cfg, kd.day(2))
+    lag2 = _with_policies(kd, label_lag_days=2)
+    assert mat.choose_teacher(lag2, kd.day(2)).version == kd.boot["teacher"]["version"]
+    assert mat.choose_teacher(kd.cfg, kd.day(2)).version == fresh
 
 
 def test_no_teacher_at_all(kd: KD):

@@ -90,7 +90,7 @@ def test_encode_features_shapes_nulls_and_order() -> None:
     f = encode_features(table, SPEC, 97)
     assert f.cat.shape == (8, 2) and f.cat.dtype == np.int64
     assert f.num.shape == (8, 2) and f.num.dtype == np.float32
-    np.testing.assert_array_equal(f.num[:3, 0], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(f.num[:3, 0], [1.0, np.nan, np.nan])  # mean policy: imputed by the model
     np.testing.assert_array_equal(f.cat[:, 1], hash_categorical(table.column("item_id"), 97, "item_id"))
     batch = table.to_batches()[0]
     np.testing.assert_array_equal(encode_features(batch, SPEC, 97).num, f.num)

@@ -40,8 +40,8 @@ def test_run_days_in_order_then_report(kd: KD):
     prev = {m: kd.boot[m]["version"] for m in MODELS}
     for day, r in zip(days, results, strict=True):
         assert r["teacher"]["parent"] == prev["teacher"]
-        assert r["labels"]["teacher_version"] == r["teacher"]["version"]  # fresh teacher, label lag 0
-        assert r["labels"]["staleness_days"] == 0
+        assert r["labels"]["teacher_version"] == prev["teacher"]  # out of sample: scored before the refresh
+        assert r["labels"]["staleness_days"] == 1
         action = r["gate"]["action"]
         assert action in ("distill", "hard_labels_only"), r["gate"]  # tiny.yaml: on_fail hard_labels_only
         assert set(r["students"]) == {"student_aux", "student_direct", "control"}
@@ -51,7 +51,7 @@ def test_run_days_in_order_then_report(kd: KD):
             assert meta["gate_action"] == action
             assert meta["kd_applied"] is (name != "control" and action == "distill")
             if meta["kd_applied"]:
-                assert meta["teacher_version"] == r["teacher"]["version"]
+                assert meta["teacher_version"] == prev["teacher"]
         prev = {"teacher": r["teacher"]["version"], **{n: s["version"] for n, s in r["students"].items()}}
 
     rep = build_report(cfg)
@@ -146,7 +146,7 @@ def test_run_day_with_failed_teacher_refresh_uses_last_good_teacher(kd: KD, monk
 
 
 def test_cli_labels_materialize_one_shard(kd: KD, capsys):
-    B = kd.B
+    B = kd.day(1)  # labelled out of sample by the bootstrap teacher
     teacher = kd.boot["teacher"]["version"]
     rc = cli.main(["labels", "materialize", "--config", str(TINY), "--date", B.isoformat(), "--shard", "0/2"])
     assert rc == 0
@@ -267,8 +267,11 @@ def test_storage_root_relative_to_config_file(tmp_path, monkeypatch):
     ("students:\n  - {name: a}\n  - {name: b, distill: {mode: direct, bogus: 1}}\n",
      "students.1.distill.bogus", "Extra inputs are not permitted"),
     ("students:\n  - {name: a, distill: {mode: sideways}}\n", "students.0.distill.mode", "'auxiliary'"),
-    ("students:\n  - {name: a, distill: {mode: auxiliary, auxiliary: {grad_scale: -1}}}\n",
-     "students.0.distill.auxiliary.grad_scale", "greater than or equal to 0"),
+    ("students:\n  - {name: a, distill: {mode: auxiliary, auxiliary: {loss_weight: -1}}}\n",
+     "students.0.distill.auxiliary.loss_weight", "greater than 0"),
+    ("students:\n  - {name: a, distill: {mode: auxiliary, auxiliary: {grad_scale: 0.5}}}\n",
+     "students.0.distill.auxiliary", "same knob as loss_weight"),
+    ("students:\n  - {name: a}\npolicies: {label_lag_days: 0}\n", "policies", "set labels: in_sample"),
     ("students: []\n", "students", "at least 1"),
     ("students:\n  - {name: Bad-Name}\n", "students.0.name", "pattern"),
 ])

@@ -19,7 +19,7 @@ from kdcore.models.ranker import MultiTaskRanker
 from kdcore.storage import partition as part
 from kdcore.training import steps
 from kdcore.training.data import load_days
-from kdcore.training.loop import NO_KD, evaluate, fit, predict
+from kdcore.training.loop import NO_KD, evaluate, fit, model_features, predict
 from tests.pipeline_fixtures import KD, kd, kd_base, local, tree_digest  # noqa: F401  (fixtures)
 
 DS = "movielens"
@@ -61,10 +61,11 @@ def test_teacher_step_warm_starts_from_previous_day_and_records_progressive_metr
     after = evaluate(ckpt.load(cfg.spec), data)
     assert after["like"]["logloss"] != pytest.approx(prog["metrics"]["like"]["logloss"])
 
-    # Warm start: the published weights are exactly the parent trained one day on D.
+    # Warm start: the published weights are exactly the parent (weights and optimizer
+    # state) trained one day on D.
     model = parent.load(cfg.spec)
     fit(model, data.features(cfg.teacher.model.hash_buckets), data.hard, None, NO_KD,
-        seed=steps._seed(cfg.teacher.model, D))
+        seed=steps._seed(cfg.teacher.model, D), optimizer=parent.load_optimizer(model), start_step=parent.steps)
     assert model_to_bytes(model) == _weights(ckpt)
     assert registry.lineage(cfg.root, DS, "teacher", D)[1].version == parent.version
 
@@ -184,9 +185,10 @@ def test_students_in_every_mode_record_kd_metadata(kd: KD):
     assert metas["student_aux"]["aux_heads"] is True
     assert metas["student_direct"]["aux_heads"] is False
 
-    # Same shape, same parent weights (bootstrap is hard-label only), same seed: the only
-    # difference between the direct student and the control is the teacher's labels.
-    assert kd.boot["student_direct"]["version"].rsplit("-", 1)[1] == kd.boot["control"]["version"].rsplit("-", 1)[1]
+    # Bootstrap already distils (from the bootstrap teacher), so the direct student and the
+    # control differ from their first checkpoint on.
+    assert _ckpt(kd, "student_direct", kd.B).meta["kd_applied"] is True
+    assert _ckpt(kd, "control", kd.B).meta["kd_applied"] is False
     assert _weights(_ckpt(kd, "student_direct", D)) != _weights(_ckpt(kd, "control", D))
 
 
@@ -196,7 +198,7 @@ def test_auxiliary_student_serving_export_has_no_aux_heads(kd: KD):
     labels = _labels(kd, D)
     steps.student_step(cfg, "student_aux", D, labels)
     ckpt = _ckpt(kd, "student_aux", D)
-    assert ckpt.meta["label_staleness_days"] == 0
+    assert ckpt.meta["label_staleness_days"] == 1  # out of sample: the teacher through D-1
     full_state = st_load(_weights(ckpt))
     serving_state = st_load(part.read_blob(ckpt.uri, registry.SERVING))
     aux_keys = {k for k in full_state if k.startswith("aux_heads.")}
@@ -209,7 +211,7 @@ def test_auxiliary_student_serving_export_has_no_aux_heads(kd: KD):
     full = ckpt.load(cfg.spec)
     served = MultiTaskRanker(full.config, full.n_cat, full.n_num, full.tasks, aux_heads=False)
     served.load_state_dict(serving_state, strict=True)
-    feats = load_days(cfg.root, cfg.spec, [D]).features(full.config.hash_buckets)
+    feats = model_features(full, load_days(cfg.root, cfg.spec, [D]))
     want, got = predict(full, feats), predict(served, feats)
     for task in want:
         np.testing.assert_array_equal(got[task], want[task])
@@ -237,8 +239,13 @@ def test_hard_labels_only_trains_without_kd(kd: KD):
     assert out["version"] == meta["version"]
     assert meta["kd_applied"] is False and meta["gate_action"] == "hard_labels_only"
     assert "teacher_version" not in meta
-    # Without KD the direct student is exactly its control (same shape, parent weights, seed).
-    assert _weights(_ckpt(kd, "student_direct", D)) == _weights(_ckpt(kd, "control", D))
+    # Without KD the direct student is exactly its parent trained on the hard labels alone.
+    parent = _ckpt(kd, "student_direct", kd.B)
+    model = parent.load(cfg.spec)
+    data = load_days(cfg.root, cfg.spec, [D])
+    fit(model, model_features(model, data), data.hard, None, NO_KD, seed=steps._seed(model.config, D),
+        optimizer=parent.load_optimizer(model), start_step=parent.steps)
+    assert _weights(_ckpt(kd, "student_direct", D)) == model_to_bytes(model)
 
     # Switching the action later retrains the day with KD (the fingerprint differs).
     again = steps.student_step(cfg, "student_direct", D, labels, action="distill")

@@ -142,8 +142,11 @@ def build_examples(ratings: pa.Table, users: pa.Table, items: pa.Table, source: 
     if n_unique != ratings.num_rows:
         raise DataError(f"{source}: {ratings.num_rows - n_unique} duplicate (user_id, movie_id) "
                         f"ratings would give duplicate example ids")
+    ts = pc.cast(ratings["timestamp"], pa.timestamp("s", tz="UTC"))
     base = pa.table({
-        "example_id": ids, "timestamp": pc.cast(ratings["timestamp"], pa.timestamp("s", tz="UTC")),
+        "example_id": ids, "timestamp": ts,
+        # time of the rating: context a served model would not have before the impression
+        "hour": pc.cast(pc.hour(ts), pa.float32()), "weekday": pc.cast(pc.day_of_week(ts), pa.float32()),
         "user_id": ratings["user_id"], "item_id": ratings["movie_id"],
         "like": pc.cast(pc.greater_equal(ratings["rating"], 4), pa.int8()),
         "rating": pc.cast(ratings["rating"], pa.float32()),

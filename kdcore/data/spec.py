@@ -12,6 +12,8 @@ from pydantic import Field, model_validator
 from kdcore.yamlconf import Strict, load_yaml
 
 TaskKind = Literal["binary", "regression"]
+TargetTransform = Literal["log1p", "standardize"]
+NullPolicy = Literal["mean", "zero", "error"]
 
 
 class Task(Strict):
@@ -21,6 +23,25 @@ class Task(Strict):
     # Range of valid values, used by label validity checks (regression); binary is [0, 1].
     min: float | None = None
     max: float | None = None
+    loss_weight: float = Field(1.0, ge=0.0, description=(
+        "weight of this task's loss in the training total; with `transform` it keeps a task "
+        "from dominating the shared layers by the scale of its target"))
+    transform: list[TargetTransform] = Field(default_factory=list, description=(
+        "regression target transforms applied in order before the loss (and inverted for "
+        "predictions): log1p, standardize (mean/std fitted at cold start, kept in the checkpoint)"))
+    served: bool = Field(True, description=(
+        "whether the serving head of this task is what production serves; unserved tasks are "
+        "trained as auxiliary objectives and are not distilled by default"))
+
+    @model_validator(mode="after")
+    def _transform_fits_kind(self) -> Task:
+        if self.transform and self.kind != "regression":
+            raise ValueError(f"task '{self.name}': transform {self.transform} applies to regression tasks only")
+        if len(set(self.transform)) != len(self.transform):
+            raise ValueError(f"task '{self.name}': transform lists a step twice: {self.transform}")
+        if "log1p" in self.transform and (self.min is None or self.min < 0):
+            raise ValueError(f"task '{self.name}': transform log1p needs a declared min >= 0 (got min={self.min})")
+        return self
 
     @property
     def label_column(self) -> str:
@@ -35,6 +56,12 @@ class DatasetSpec(Strict):
     categorical: list[str] = Field(default_factory=list)
     numeric: list[str] = Field(default_factory=list)
     tasks: list[Task] = Field(min_length=1)
+    privileged: list[str] = Field(default_factory=list, description=(
+        "features only teachers may use: not available at serving time (e.g. computed offline "
+        "or after the impression); a student configured with one is refused"))
+    nulls: dict[str, NullPolicy] = Field(default_factory=dict, description=(
+        "per numeric feature: mean (impute the normalizer's mean, the default), zero (the raw "
+        "value 0) or error (a null is a data error naming the column)"))
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> DatasetSpec:
@@ -52,7 +79,29 @@ class DatasetSpec(Strict):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
+        for c in self.privileged:
+            if c not in self.feature_columns:
+                raise ValueError(f"privileged feature '{c}' is not a categorical or numeric feature of the spec")
+        if set(self.feature_columns) <= set(self.privileged):
+            raise ValueError("every feature is privileged: students would have no serving feature")
+        for c in self.nulls:
+            if c not in self.numeric:
+                raise ValueError(f"nulls: '{c}' is not a numeric feature (categorical nulls always map to bucket 0)")
+        if not any(t.served for t in self.tasks):
+            raise ValueError("at least one task must be served (served: true)")
         return self
+
+    @property
+    def serving_features(self) -> list[str]:
+        """Features a served model may read: everything but the privileged ones."""
+        return [c for c in self.feature_columns if c not in self.privileged]
+
+    @property
+    def served_tasks(self) -> list[str]:
+        return [t.name for t in self.tasks if t.served]
+
+    def null_policy(self, column: str) -> NullPolicy:
+        return self.nulls.get(column, "mean")
 
     @property
     def feature_columns(self) -> list[str]:

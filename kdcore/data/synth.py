@@ -77,7 +77,9 @@ def dataset_spec() -> DatasetSpec:
         numeric=["hour", "user_activity", "item_age_days", "item_popularity", "price",
                  *[f"f{j}" for j in range(N_DENSE)]],
         tasks=[Task(name="click", kind="binary"),
-               Task(name="watch_time", kind="regression", min=0.0)],
+               Task(name="watch_time", kind="regression", min=0.0, transform=["log1p", "standardize"],
+                    loss_weight=0.5, served=False)],
+        privileged=[f"f{j}" for j in range(N_DENSE)],
     )
 
 

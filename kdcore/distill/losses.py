@@ -1,6 +1,9 @@
-"""The distillation loss, driven entirely by DistillConfig.
+"""The distillation loss, driven entirely by DistillConfig and the tasks' declared weights.
 
-Modes (per task, summed over tasks):
+Per task t with weight w_t (Task.loss_weight), summed over tasks; tasks not distilled
+(DistillConfig.tasks, default the served ones) always use the `none` form. Regression
+targets arrive already in the head's space (Task.transform), teacher values included.
+Modes:
   none:      hard(serving, y)
   direct:    (1 - w) * hard(serving, y) + w * soft(serving / T, sigmoid(logit(p) / T))   binary
              (1 - w) * hard(serving, y) + w * soft(serving, teacher_value)               regression
@@ -9,8 +12,7 @@ Modes (per task, summed over tasks):
   auxiliary: hard(serving, y) + loss_weight * soft(aux, soft_target(teacher, soft_label_scale))
              The serving head only ever sees the hard label and the auxiliary head only the
              teacher's, so teacher bias reaches the served logit only through the shared
-             layers. The strength of that path (auxiliary.grad_scale) is applied in the
-             model: the training loop must call model(cat, num, aux_grad_scale=cfg.auxiliary.grad_scale).
+             layers, with strength loss_weight.
 
 hard is BCE-with-logits (binary) or MSE (regression); soft is BCE-with-logits against a
 soft probability (binary) or MSE (regression). Soft targets are always detached.
@@ -68,19 +70,22 @@ def _require(labels: dict[str, torch.Tensor] | None, task: str, what: str) -> to
 def distillation_loss(output: RankerOutput, hard: dict[str, torch.Tensor],
                       soft: dict[str, torch.Tensor] | None, tasks: list[Task],
                       cfg: DistillConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss to backpropagate and its unweighted parts for logging
-    ('hard/<task>', 'soft/<task>', 'total'). `soft` holds teacher predictions
-    (probabilities for binary), possibly corrected by the student adapter; it may be None
-    only in mode 'none'."""
+    """Total loss to backpropagate and its parts for logging: unweighted 'hard/<task>' and
+    'soft/<task>', each task's weighted contribution 'task/<task>' (its share of 'total'
+    is what the report shows), and 'total'. `soft` holds teacher predictions
+    (probabilities for binary, head-space values for regression), possibly corrected by
+    the student adapter; it may be None when no task is distilled."""
     total = output.serving[tasks[0].name].new_zeros(())
     parts: dict[str, float] = {}
+    distilled = cfg.distilled_tasks([t.name for t in tasks if t.served], [t.name for t in tasks])
     for t in tasks:
         serving = output.serving[t.name]
         y = _require(hard, t.name, "hard labels")
         h = hard_loss(t.kind, serving, y)
         parts[f"hard/{t.name}"] = float(h.detach())
-        if cfg.mode == "none":
-            total = total + h
+        if t.name not in distilled:
+            total = total + t.loss_weight * h
+            parts[f"task/{t.name}"] = float(t.loss_weight * h.detach())
             continue
         teacher = _require(soft, t.name, "soft (teacher) labels")
         if cfg.mode == "direct":
@@ -90,14 +95,16 @@ def distillation_loss(output: RankerOutput, hard: dict[str, torch.Tensor],
                 s = soft_loss(t.kind, serving / temp, soft_target(t.kind, teacher, 1.0 / temp))
             else:
                 s = soft_loss(t.kind, serving, soft_target(t.kind, teacher, 1.0))
-            total = total + (1.0 - w) * h + w * s
+            task_loss = (1.0 - w) * h + w * s
         else:
             if t.name not in output.aux:
                 raise ValueError(f"auxiliary mode needs an auxiliary head for task '{t.name}': "
                                  "build the model with aux_heads=True")
             target = soft_target(t.kind, teacher, cfg.auxiliary.soft_label_scale)
             s = soft_loss(t.kind, output.aux[t.name], target)
-            total = total + h + cfg.auxiliary.loss_weight * s
+            task_loss = h + cfg.auxiliary.loss_weight * s
+        total = total + t.loss_weight * task_loss
+        parts[f"task/{t.name}"] = float(t.loss_weight * task_loss.detach())
         parts[f"soft/{t.name}"] = float(s.detach())
     parts["total"] = float(total.detach())
     return total, parts

@@ -20,7 +20,7 @@ from kdcore.data.spec import DatasetSpec
 from kdcore.errors import LineageError, StorageError
 from kdcore.labels.store import labels_uri, shard_dir, shard_uri
 from kdcore.models import registry
-from kdcore.models.features import encode_features
+from kdcore.models.features import FeatureSet, encode_features
 from kdcore.storage import partition as part
 from kdcore.storage.manifest import FileEntry, Manifest
 from kdcore.training.loop import predict, set_determinism
@@ -86,7 +86,8 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
                 continue
             # Score the whole stored batch, then slice: the same rows always go through the
             # same batch shapes, so labels are bitwise identical whatever the shard count.
-            preds = clip_to_range(predict(model, encode_features(batch, spec, model.config.hash_buckets)), spec)
+            preds = clip_to_range(predict(model, encode_features(batch, spec, model.config.hash_buckets,
+                                                                  FeatureSet.of(spec, model.config.features))), spec)
             s, n = max(lo - b_lo, 0), min(hi, b_hi) - max(lo, b_lo)
             batch, preds = batch.slice(s, n), {k: v[s:s + n] for k, v in preds.items()}
             yield pa.record_batch([batch.column(spec.example_id),

@@ -25,10 +25,35 @@ Data = pa.Table | pa.RecordBatch
 
 
 @dataclass(frozen=True)
+class FeatureSet:
+    """The columns one model reads, in spec order. Teachers may read privileged features;
+    students read serving features only, so the teacher can know what a student cannot."""
+
+    categorical: tuple[str, ...]
+    numeric: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spec: DatasetSpec, names: list[str] | None = None) -> FeatureSet:
+        """The spec's features restricted to ``names`` (all when None), in spec order."""
+        if names is not None:
+            unknown = [c for c in names if c not in spec.feature_columns]
+            if unknown:
+                raise DataError(f"features {unknown} are not features of dataset '{spec.name}' "
+                                f"(known: {spec.feature_columns})")
+        keep = set(spec.feature_columns if names is None else names)
+        return cls(tuple(c for c in spec.categorical if c in keep), tuple(c for c in spec.numeric if c in keep))
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.categorical, *self.numeric]
+
+
+@dataclass(frozen=True)
 class Features:
     """Model inputs for N rows, columns in spec order.
 
-    cat: int64 [N, n_cat] bucket ids (0 = null); num: float32 [N, n_num] (null/NaN -> 0).
+    cat: int64 [N, n_cat] bucket ids (0 = null); num: float32 [N, n_num], nulls as NaN
+    under the `mean` null policy (the model imputes its normalizer mean), 0 under `zero`.
     """
 
     cat: np.ndarray
@@ -105,23 +130,30 @@ def _to_float(data: Data, name: str, role: str) -> np.ndarray:
     return np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
-def encode_features(data: Data, spec: DatasetSpec, hash_buckets: int) -> Features:
-    """Encode the spec's features. Numeric nulls/NaN become 0.0 (the normalizer then sees
-    them as a value, which keeps a row usable rather than dropping it); +-inf is left
-    alone for the data-quality checks to report."""
+def encode_features(data: Data, spec: DatasetSpec, hash_buckets: int, columns: FeatureSet | None = None) -> Features:
+    """Encode the model's features (all of the spec's when ``columns`` is None). Numeric
+    nulls follow the spec's per-feature policy: `mean` keeps NaN for the model to impute
+    with its normalizer mean (a null is "typical", not a -140 sigma zero), `zero` writes
+    0.0, `error` refuses the data. +-inf is left alone for the data-quality checks."""
+    columns = columns or FeatureSet.of(spec)
     n = data.num_rows
-    cat = np.zeros((n, len(spec.categorical)), dtype=np.int64)
-    for j, name in enumerate(spec.categorical):
+    cat = np.zeros((n, len(columns.categorical)), dtype=np.int64)
+    for j, name in enumerate(columns.categorical):
         col = _column(data, name, "categorical feature")
         try:
             cat[:, j] = hash_categorical(col, hash_buckets, salt=name)
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as e:
             raise DataError(f"column '{name}' (categorical feature) of type {col.type} "
                             f"cannot be hashed: {e}") from None
-    num = np.zeros((n, len(spec.numeric)), dtype=np.float32)
-    for j, name in enumerate(spec.numeric):
+    num = np.zeros((n, len(columns.numeric)), dtype=np.float32)
+    for j, name in enumerate(columns.numeric):
         values = _to_float(data, name, "numeric feature")
-        num[:, j] = np.where(np.isnan(values), 0.0, values)
+        nulls = np.isnan(values)
+        policy = spec.null_policy(name)
+        if policy == "error" and nulls.any():
+            raise DataError(f"column '{name}' (numeric feature) has {int(nulls.sum())} null/NaN value(s) "
+                            f"and its null policy is 'error' (spec field nulls.{name})")
+        num[:, j] = np.where(nulls, 0.0, values) if policy == "zero" else values
     return Features(cat=cat, num=num)
 
 

@@ -1,13 +1,19 @@
 """The multi-task ranker used for teacher and students alike (they differ only in config).
 
 Hashed categorical embeddings and normalized numeric features feed a shared MLP; each
-task has a serving head and, for auxiliary distillation, an auxiliary head that reads
-the shared layers through `grad_scale`. Only serving heads are ever served:
-`export_serving` drops the auxiliary ones.
+task has a serving head and, for auxiliary distillation, an auxiliary head on the shared
+layers (only for the distilled tasks, so no head exists that nothing trains). Only serving
+heads are ever served: `export_serving` drops the auxiliary ones.
+
+Capacity is declared per model (embedding width, hash buckets, hidden sizes, features),
+so a teacher can be much bigger than a serving-constrained student and read privileged
+features the student never sees. Regression heads work in a declared target space
+(log1p, standardize): the statistics are buffers, so they travel with the checkpoint.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,8 +23,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from kdcore.data.spec import Task
-from kdcore.distill.gradscale import grad_scale
 from kdcore.models.features import Features
+from kdcore.training.optim import LRPolicy
+from kdcore.training.optim import make_optimizer as _make_optimizer
 from kdcore.yamlconf import Strict
 
 _EMBEDDING_INIT_STD = 0.05
@@ -30,8 +37,13 @@ class RankerConfig(Strict):
     hash_buckets: int = Field(50_000, ge=2, description="embedding rows per categorical feature (0 = null)")
     hidden: list[int] = Field(default_factory=lambda: [64, 32], description="shared MLP layer widths")
     head_hidden: int = Field(0, ge=0, description="hidden units per head; 0 = linear heads")
+    features: list[str] | None = Field(None, description=(
+        "feature columns this model reads; default: all features for a teacher, the serving "
+        "(non-privileged) features for a student"))
     optimizer: Literal["adam", "adagrad"] = "adam"
     lr: float = Field(0.01, gt=0.0)
+    lr_policy: LRPolicy = Field(default_factory=LRPolicy, description=(
+        "learning rate over the model's lifetime step count (carried across days in the checkpoint)"))
     batch_size: int = Field(512, gt=0)
     epochs: int = Field(1, gt=0)
     seed: int = Field(0, ge=0)
@@ -66,7 +78,7 @@ class MultiTaskRanker(nn.Module):
     with and without them has the same serving weights at initialization."""
 
     def __init__(self, config: RankerConfig, n_cat: int, n_num: int, tasks: list[Task],
-                 aux_heads: bool = False) -> None:
+                 aux_heads: bool | Sequence[str] = False) -> None:
         super().__init__()
         if n_cat < 0 or n_num < 0 or n_cat + n_num == 0:
             raise ValueError(f"need at least one feature, got n_cat={n_cat}, n_num={n_num}")
@@ -76,12 +88,17 @@ class MultiTaskRanker(nn.Module):
         self.n_cat = n_cat
         self.n_num = n_num
         self.tasks = list(tasks)
-        self.has_aux = aux_heads
+        names = [t.name for t in self.tasks]
+        self.aux_tasks = list(names if aux_heads is True else (aux_heads or []))
+        unknown = [a for a in self.aux_tasks if a not in names]
+        if unknown:
+            raise ValueError(f"auxiliary heads for unknown tasks {unknown}; tasks are {names}")
+        self.has_aux = bool(self.aux_tasks)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self._build(aux_heads)
+            self._build()
 
-    def _build(self, aux_heads: bool) -> None:
+    def _build(self) -> None:
         cfg = self.config
         # One table for all categorical features; feature j owns rows [j*B, (j+1)*B).
         self.embedding = nn.Embedding(max(self.n_cat * cfg.hash_buckets, 1), cfg.embedding_dim)
@@ -90,6 +107,8 @@ class MultiTaskRanker(nn.Module):
                              persistent=False)
         self.register_buffer("num_mean", torch.zeros(self.n_num))
         self.register_buffer("num_std", torch.ones(self.n_num))
+        self.register_buffer("target_mean", torch.zeros(len(self.tasks)))
+        self.register_buffer("target_std", torch.ones(len(self.tasks)))
         layers: list[nn.Module] = []
         width = self.n_cat * cfg.embedding_dim + self.n_num
         for h in cfg.hidden:
@@ -97,22 +116,71 @@ class MultiTaskRanker(nn.Module):
             width = h
         self.shared = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({t.name: _head(width, cfg.head_hidden) for t in self.tasks})
-        self.aux_heads = nn.ModuleDict(
-            {t.name: _head(width, cfg.head_hidden) for t in self.tasks} if aux_heads else {})
+        self.aux_heads = nn.ModuleDict({t.name: _head(width, cfg.head_hidden) for t in self.tasks
+                                        if t.name in self.aux_tasks})
 
     def fit_normalizer(self, num: np.ndarray) -> None:
-        """Set numeric mean/std from cold-start data. Called once: warm starts keep the
-        stored statistics so the meaning of the inputs does not shift under the weights."""
+        """Set numeric mean/std from cold-start data (nulls ignored). Called once: warm starts
+        keep the stored statistics so the meaning of the inputs does not shift under the weights."""
         num = np.asarray(num, dtype=np.float64)
         if num.ndim != 2 or num.shape[1] != self.n_num:
             raise ValueError(f"expected numeric features of shape [N, {self.n_num}], got {num.shape}")
         if num.shape[0] == 0:
             raise ValueError("cannot fit the normalizer on zero rows")
-        mean = num.mean(axis=0)
-        std = num.std(axis=0)
+        finite = np.where(np.isfinite(num), num, np.nan)
+        seen = np.isfinite(finite).any(axis=0)
+        mean = np.zeros(self.n_num)
+        std = np.ones(self.n_num)
+        if seen.any():
+            mean[seen] = np.nanmean(finite[:, seen], axis=0)
+            std[seen] = np.nanstd(finite[:, seen], axis=0)
         std = np.where(std < _MIN_STD, 1.0, std)
         self.num_mean.copy_(torch.from_numpy(mean))
         self.num_std.copy_(torch.from_numpy(std))
+
+    def fit_targets(self, hard: dict[str, np.ndarray]) -> None:
+        """Fit the `standardize` statistics of regression targets on cold-start labels, so
+        each task's loss starts near unit scale whatever its units (a watch time in
+        seconds must not outweigh a click by its scale)."""
+        for i, t in enumerate(self.tasks):
+            if "standardize" not in t.transform:
+                continue
+            y = self._pre_standardize(t, np.asarray(hard[t.name], np.float64))
+            y = y[np.isfinite(y)]
+            if y.size == 0:
+                raise ValueError(f"cannot standardize task '{t.name}': no finite labels")
+            std = float(y.std())
+            self.target_mean[i] = float(y.mean())
+            self.target_std[i] = std if std >= _MIN_STD else 1.0
+
+    @staticmethod
+    def _pre_standardize(t: Task, y: np.ndarray) -> np.ndarray:
+        return np.log1p(np.maximum(y, 0.0)) if "log1p" in t.transform else y
+
+    def to_model_space(self, task: str, y: np.ndarray) -> np.ndarray:
+        """A target in the task's units -> the space its head is trained in (float32)."""
+        i, t = self._task(task)
+        y = np.asarray(y, np.float64)
+        if t.transform:
+            y = self._pre_standardize(t, y)
+            if "standardize" in t.transform:
+                y = (y - float(self.target_mean[i])) / float(self.target_std[i])
+        return y.astype(np.float32)
+
+    def to_task_units(self, task: str, v: torch.Tensor) -> torch.Tensor:
+        """A regression head's raw output -> the task's units (inverse of to_model_space)."""
+        i, t = self._task(task)
+        if "standardize" in t.transform:
+            v = v * self.target_std[i] + self.target_mean[i]
+        if "log1p" in t.transform:
+            v = torch.expm1(v)
+        return v
+
+    def _task(self, name: str) -> tuple[int, Task]:
+        for i, t in enumerate(self.tasks):
+            if t.name == name:
+                return i, t
+        raise KeyError(f"model has no task '{name}'")
 
     def _shared(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
         if cat.ndim != 2 or cat.shape[1] != self.n_cat or num.ndim != 2 or num.shape[1] != self.n_num:
@@ -123,18 +191,14 @@ class MultiTaskRanker(nn.Module):
             emb = self.embedding(cat + self.cat_offsets)
             parts.append(emb.reshape(cat.shape[0], -1))
         if self.n_num:
-            parts.append((num.to(self.num_mean.dtype) - self.num_mean) / self.num_std)
+            z = (num.to(self.num_mean.dtype) - self.num_mean) / self.num_std
+            parts.append(torch.nan_to_num(z, nan=0.0, posinf=torch.inf, neginf=-torch.inf))  # null -> mean
         return self.shared(torch.cat(parts, dim=1))
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor, aux_grad_scale: float = 1.0) -> RankerOutput:
-        """aux_grad_scale multiplies the gradient the auxiliary heads send into the shared
-        layers (pass DistillConfig.auxiliary.grad_scale when training)."""
+    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> RankerOutput:
         h = self._shared(cat, num)
         serving = {name: head(h).squeeze(-1) for name, head in self.heads.items()}
-        aux: dict[str, torch.Tensor] = {}
-        if len(self.aux_heads):
-            h_aux = grad_scale(h, aux_grad_scale)
-            aux = {name: head(h_aux).squeeze(-1) for name, head in self.aux_heads.items()}
+        aux = {name: head(h).squeeze(-1) for name, head in self.aux_heads.items()}
         return RankerOutput(serving=serving, aux=aux)
 
     @torch.no_grad()
@@ -144,7 +208,7 @@ class MultiTaskRanker(nn.Module):
         out = {}
         for t in self.tasks:
             raw = self.heads[t.name](h).squeeze(-1)
-            out[t.name] = torch.sigmoid(raw) if t.kind == "binary" else raw
+            out[t.name] = torch.sigmoid(raw) if t.kind == "binary" else self.to_task_units(t.name, raw)
         return out
 
     def param_count(self) -> int:
@@ -164,10 +228,7 @@ def as_tensors(features: Features) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_optimizer(model: MultiTaskRanker) -> torch.optim.Optimizer:
     """The optimizer named by model.config (so teacher and students are built the same way)."""
-    cfg = model.config
-    if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(model.parameters(), lr=cfg.lr)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return _make_optimizer(model, model.config.optimizer, model.config.lr)
 
 
 def export_serving(model: MultiTaskRanker) -> MultiTaskRanker:

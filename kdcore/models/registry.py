@@ -1,7 +1,9 @@
 """Checkpoints in object storage and their lineage.
 
 A checkpoint trained through date D lives at ``<root>/models/<dataset>/<name>/date=D/``
-(weights-only safetensors + ``meta.json``, published atomically). Lineage is explicit:
+(safetensors weights, safetensors optimizer state + ``meta.json``, published atomically;
+never pickle). The optimizer state makes training continuous: day D+1 resumes day D's
+Adam moments and learning-rate schedule, exactly as if it had never stopped. Lineage is explicit:
 each meta names its parent's version, so a chain can be walked and verified no matter in
 which order Airflow ran the days."""
 
@@ -13,16 +15,20 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from kdcore.data.examples import parse_date
 from kdcore.data.spec import DatasetSpec
 from kdcore.errors import LineageError, StorageError
 from kdcore.models.checkpoint import model_from_bytes, model_to_bytes
-from kdcore.models.ranker import MultiTaskRanker, RankerConfig, export_serving
+from kdcore.models.features import FeatureSet
+from kdcore.models.ranker import MultiTaskRanker, RankerConfig, export_serving, make_optimizer
 from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 
 WEIGHTS = "model.safetensors"
 SERVING = "serving.safetensors"
+OPTIMIZER = "optimizer.safetensors"
 META = "meta.json"
 
 
@@ -57,11 +63,33 @@ class Checkpoint:
     def trained_through(self) -> dt.date:
         return dt.date.fromisoformat(self.meta["trained_through"])
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps over the model's whole life (drives the learning-rate policy)."""
+        return int(self.meta.get("steps_total", 0))
+
     def load(self, spec: DatasetSpec) -> MultiTaskRanker:
         data = part.read_blob(self.uri, WEIGHTS)
         cfg = RankerConfig.model_validate(self.meta["model"])
-        return model_from_bytes(data, cfg, len(spec.categorical), len(spec.numeric), list(spec.tasks),
-                                aux_heads=bool(self.meta.get("aux_heads")))
+        cols = FeatureSet.of(spec, cfg.features)
+        aux = self.meta.get("aux_tasks")
+        try:
+            return model_from_bytes(data, cfg, len(cols.categorical), len(cols.numeric), list(spec.tasks),
+                                    aux_heads=aux if aux is not None else bool(self.meta.get("aux_heads")))
+        except ValueError as e:
+            raise StorageError(f"{self.uri}: {e}") from None
+
+    def load_optimizer(self, model: MultiTaskRanker) -> torch.optim.Optimizer:
+        """The optimizer as the parent left it; a fresh one for checkpoints that hold no
+        state (bootstrap or older layouts). Parameters the parent lacked (new auxiliary
+        heads) start with fresh state."""
+        from kdcore.training.optim import load_optimizer_state
+
+        opt = make_optimizer(model)
+        state = self.meta.get("optimizer")
+        if state is not None:
+            load_optimizer_state(opt, model, part.read_blob(self.uri, OPTIMIZER), state, strict=False)
+        return opt
 
 
 def read_checkpoint(uri: str) -> Checkpoint:
@@ -106,16 +134,25 @@ def make_version(name: str, day: dt.date, weights: bytes) -> str:
 
 
 def publish_checkpoint(root: str, dataset: str, name: str, day: dt.date, model: MultiTaskRanker,
-                       meta: dict[str, Any], extra_blobs: dict[str, bytes] | None = None) -> Checkpoint:
+                       meta: dict[str, Any], extra_blobs: dict[str, bytes] | None = None,
+                       optimizer: torch.optim.Optimizer | None = None) -> Checkpoint:
     """Publish weights (and, when the model has auxiliary heads, the serving export
-    without them) plus metadata; the version is derived from the weights' bytes."""
+    without them), the optimizer state when given, plus metadata; the version is derived
+    from the weights' bytes."""
     weights = model_to_bytes(model)
+    served = export_serving(model)
     meta = dict(meta, name=name, version=make_version(name, day, weights), trained_through=day.isoformat(),
                 model=model.config.model_dump(mode="json"), aux_heads=bool(len(model.aux_heads)),
-                params=model.param_count(), flops_per_example=model.flops_per_example())
+                aux_tasks=list(model.aux_tasks), params=model.param_count(),
+                flops_per_example=model.flops_per_example(),
+                serving_params=served.param_count(), serving_flops_per_example=served.flops_per_example())
     blobs = {WEIGHTS: weights, **(extra_blobs or {})}
+    if optimizer is not None:
+        from kdcore.training.optim import optimizer_state_to_bytes
+
+        blobs[OPTIMIZER], meta["optimizer"] = optimizer_state_to_bytes(optimizer, model)
     if bool(len(model.aux_heads)):
-        blobs[SERVING] = model_to_bytes(export_serving(model))
+        blobs[SERVING] = model_to_bytes(served)
     blobs[META] = (json.dumps(meta, sort_keys=True, indent=1, default=str) + "\n").encode()
     uri = checkpoint_uri(root, dataset, name, day)
     part.publish_blobs(uri, blobs, {"kind": "checkpoint", "version": meta["version"]})

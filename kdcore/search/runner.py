@@ -86,7 +86,7 @@ class PipelineTrainer:
         return CandidatePipeline(dataset=self.cfg.dataset_path, storage_root=root,
                                  teacher=TeacherConfig(name=TEACHER, model=model),
                                  students=[StudentConfig(name=STUDENT, model=proxy.model, distill=proxy.distill)],
-                                 labels=LabelsConfig(shards=1), torch_threads=self.cfg.torch_threads)
+                                 labels=LabelsConfig(shards=1), torch_threads=self.cfg.torch_threads).resolved()
 
     def validation_days(self) -> list[dt.date]:
         return list(self.validation)
@@ -98,10 +98,12 @@ class PipelineTrainer:
         return self._rows[day]
 
     def model_cost(self, cid: str) -> dict[str, int]:
+        from kdcore.models.features import FeatureSet
         from kdcore.models.ranker import MultiTaskRanker
 
-        m = MultiTaskRanker(self.cands[cid].model, len(self.spec.categorical), len(self.spec.numeric),
-                            list(self.spec.tasks))
+        model = self.pipeline(cid).teacher.model
+        cols = FeatureSet.of(self.spec, model.features)
+        m = MultiTaskRanker(model, len(cols.categorical), len(cols.numeric), list(self.spec.tasks))
         return {"params": m.param_count(), "flops_per_example": m.flops_per_example()}
 
     def work(self, cid: str, kind: str) -> float:
@@ -139,7 +141,7 @@ class PipelineTrainer:
                 continue
             extra = {"bootstrap": {"from": window[0].isoformat(), "to": window[-1].isoformat(), "days": len(window)}}
             steps._train_and_publish(cfg, s.name, "control" if s.name in cfg.controls() else "student", s.model,
-                                     s.distill.mode == "auxiliary", through, data, None, NO_KD, None, extra, fp,
+                                     steps.aux_tasks(cfg, s.distill), through, data, None, NO_KD, None, extra, fp,
                                      epochs=1, progressive=False)
         return round(self._clock() - t0, 4)
 
@@ -168,11 +170,12 @@ class PipelineTrainer:
         copy_partition(registry.checkpoint_uri(base.root, self.spec.name, STUDENT, through),
                        registry.checkpoint_uri(cfg.root, self.spec.name, STUDENT, through))
         set_determinism(cfg.torch_threads)
-        fp = {"model": c.model.model_dump(mode="json"), "bootstrap": [window[0].isoformat(), window[-1].isoformat()]}
+        fp = {"model": cfg.teacher.model.model_dump(mode="json"),
+              "bootstrap": [window[0].isoformat(), window[-1].isoformat()]}
         if not steps._existing(cfg, TEACHER, through, None, fp):
             data = load_days(self.cfg.examples_uri, self.spec, window)
             extra = {"bootstrap": {"from": window[0].isoformat(), "to": window[-1].isoformat(), "days": len(window)}}
-            steps._train_and_publish(cfg, TEACHER, "teacher", c.model, False, through, data, None, NO_KD, None,
+            steps._train_and_publish(cfg, TEACHER, "teacher", cfg.teacher.model, [], through, data, None, NO_KD, None,
                                      extra, fp, epochs=c.bootstrap_epochs, progressive=False)
         return round(self._clock() - t0, 4)
 
@@ -183,7 +186,7 @@ class PipelineTrainer:
         t0 = self._clock()
         cfg = self.pipeline(cid)
         teacher = steps.teacher_step(cfg, day)
-        labels = mat.materialize(cfg, day, teacher["version"])
+        labels = mat.materialize(cfg, day)  # the pipeline's label policy: out of sample by default
         student = steps.student_step(cfg, STUDENT, day, labels["uri"], "distill")
         return round(self._clock() - t0, 4), {"student": self._pick(student.get("progressive")),
                                                "teacher": self._pick(teacher.get("progressive")),

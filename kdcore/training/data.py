@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from kdcore.data import examples
 from kdcore.data.spec import DatasetSpec
-from kdcore.models.features import Features, encode_features, encode_labels
+from kdcore.models.features import Features, FeatureSet, encode_features, encode_labels
 
 
 @dataclass
@@ -19,15 +19,18 @@ class DayData:
     spec: DatasetSpec
     table: pa.Table
     days: list[dt.date]
-    _features: dict[int, Features] = field(default_factory=dict, repr=False)
+    _features: dict[tuple[int, FeatureSet], Features] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return self.table.num_rows
 
-    def features(self, hash_buckets: int) -> Features:
-        if hash_buckets not in self._features:
-            self._features[hash_buckets] = encode_features(self.table, self.spec, hash_buckets)
-        return self._features[hash_buckets]
+    def features(self, hash_buckets: int, columns: FeatureSet | None = None) -> Features:
+        """Encoded once per (buckets, columns): the teacher and students of one day share it."""
+        columns = columns or FeatureSet.of(self.spec)
+        key = (hash_buckets, columns)
+        if key not in self._features:
+            self._features[key] = encode_features(self.table, self.spec, hash_buckets, columns)
+        return self._features[key]
 
     @property
     def hard(self) -> dict[str, np.ndarray]:

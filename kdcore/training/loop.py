@@ -14,9 +14,10 @@ from kdcore.distill.config import DistillConfig
 from kdcore.distill.losses import distillation_loss
 from kdcore.errors import KDError
 from kdcore.evaluation.metrics import task_metrics
-from kdcore.models.features import Features
+from kdcore.models.features import Features, FeatureSet
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
 from kdcore.training.data import DayData
+from kdcore.training.optim import lr_at, set_lr
 
 NO_KD = DistillConfig(mode="none")
 
@@ -31,12 +32,20 @@ def set_determinism(threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def new_model(cfg: RankerConfig, spec: DatasetSpec, aux_heads: bool, num: np.ndarray, seed: int) -> MultiTaskRanker:
-    """A cold-started model; numeric normalization is fitted on its first day's data."""
+def new_model(cfg: RankerConfig, spec: DatasetSpec, aux_heads: bool | list[str], data: DayData,
+              seed: int) -> MultiTaskRanker:
+    """A cold-started model; numeric normalization and target standardization are fitted
+    on its first day's (or bootstrap window's) data."""
     torch.manual_seed(seed)
-    model = MultiTaskRanker(cfg, len(spec.categorical), len(spec.numeric), list(spec.tasks), aux_heads=aux_heads)
-    model.fit_normalizer(num)
+    cols = FeatureSet.of(spec, cfg.features)
+    model = MultiTaskRanker(cfg, len(cols.categorical), len(cols.numeric), list(spec.tasks), aux_heads=aux_heads)
+    model.fit_normalizer(data.features(cfg.hash_buckets, cols).num)
+    model.fit_targets(data.hard)
     return model
+
+
+def model_features(model: MultiTaskRanker, data: DayData) -> Features:
+    return data.features(model.config.hash_buckets, FeatureSet.of(data.spec, model.config.features))
 
 
 @torch.inference_mode()
@@ -53,32 +62,44 @@ def predict(model: MultiTaskRanker, features: Features, batch_rows: int = 65_536
 
 def evaluate(model: MultiTaskRanker, data: DayData) -> dict[str, dict[str, float]]:
     """Metrics per task of ``model`` on ``data`` (progressive when the model has not seen it)."""
-    preds = predict(model, data.features(model.config.hash_buckets))
+    preds = predict(model, model_features(model, data))
     hard, groups = data.hard, data.groups
     return {t.name: task_metrics(t.kind, hard[t.name], preds[t.name], groups) for t in data.spec.tasks}
 
 
+def _model_space(model: MultiTaskRanker, labels: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Targets in the space each head trains in (regression transforms applied)."""
+    kinds = {t.name: t.kind for t in model.tasks}
+    return {k: torch.from_numpy(np.ascontiguousarray(
+        model.to_model_space(k, v) if kinds.get(k) == "regression" else v, np.float32)) for k, v in labels.items()}
+
+
 def fit(model: MultiTaskRanker, features: Features, hard: dict[str, np.ndarray],
         soft: dict[str, np.ndarray] | None, distill: DistillConfig, seed: int,
-        epochs: int | None = None) -> dict[str, Any]:
-    """Train in place; returns mean loss parts of the last epoch. Seeded shuffling."""
+        epochs: int | None = None, optimizer: torch.optim.Optimizer | None = None,
+        start_step: int = 0) -> dict[str, Any]:
+    """Train in place; returns mean loss parts of the last epoch and the model's step count.
+
+    Continuous training passes the optimizer restored from the parent checkpoint and the
+    parent's lifetime step count, so Adam's moments and the learning-rate policy carry on
+    from yesterday instead of restarting every day. Seeded shuffling."""
     cfg = model.config
     model.train()
-    opt = make_optimizer(model)
+    opt = optimizer if optimizer is not None else make_optimizer(model)
     n = len(features)
     gen = torch.Generator().manual_seed(seed)
     cat_all, num_all = torch.from_numpy(features.cat), torch.from_numpy(features.num)
-    hard_t = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in hard.items()}
-    soft_t = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in soft.items()} if soft else None
-    grad_scale = distill.auxiliary.grad_scale if distill.mode == "auxiliary" else 1.0
+    hard_t = _model_space(model, hard)
+    soft_t = _model_space(model, soft) if soft else None
     totals: dict[str, float] = {}
-    steps = 0
+    steps, step = 0, start_step
     for _ in range(epochs or cfg.epochs):
         perm = torch.randperm(n, generator=gen)
         totals, steps = {}, 0
         for start in range(0, n, cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]
-            out = model(cat_all[idx], num_all[idx], aux_grad_scale=grad_scale)
+            set_lr(opt, lr_at(cfg.lr_policy, cfg.lr, step))
+            out = model(cat_all[idx], num_all[idx])
             loss, parts = distillation_loss(out, {k: v[idx] for k, v in hard_t.items()},
                                             {k: v[idx] for k, v in soft_t.items()} if soft_t else None,
                                             list(model.tasks), distill)
@@ -90,8 +111,12 @@ def fit(model: MultiTaskRanker, features: Features, hard: dict[str, np.ndarray],
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v
             steps += 1
+            step += 1
     for p in model.parameters():
         if not torch.isfinite(p).all():
             raise TrainingDiverged("non-finite weights after training")
-    return {"steps_last_epoch": steps, "rows": n,
-            **{f"loss/{k}": (v / steps if steps else math.nan) for k, v in totals.items()}}
+    task_sum = sum(v for k, v in totals.items() if k.startswith("task/"))
+    share = {k.removeprefix("task/"): (v / task_sum if task_sum > 0 else math.nan)
+             for k, v in totals.items() if k.startswith("task/")}
+    return {"steps_last_epoch": steps, "rows": n, "steps_total": step, "lr_last": opt.param_groups[0]["lr"],
+            "loss_share": share, **{f"loss/{k}": (v / steps if steps else math.nan) for k, v in totals.items()}}

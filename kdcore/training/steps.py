@@ -1,8 +1,9 @@
 """Day steps of continuous training, for the teacher and for students.
 
 A day step for date D: find the parent (newest checkpoint before D, by lineage), evaluate
-it on D before it trains (progressive validation), warm-start from it (cold start when
-there is none) and train on D, then publish the checkpoint "through D". Re-running a day
+it on D before it trains (progressive validation), warm-start from it (weights *and*
+optimizer state, so Adam and the learning-rate policy continue; cold start when there is
+no parent) and train on D, then publish the checkpoint "through D". Re-running a day
 whose checkpoint already descends from the same parent with the same config is a no-op.
 """
 
@@ -13,6 +14,7 @@ import time
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from kdcore.config import PipelineConfig, StudentConfig
 from kdcore.distill.adapter import fit_adapters
@@ -22,7 +24,7 @@ from kdcore.labels.join import load_joined
 from kdcore.models import registry
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig
 from kdcore.training.data import DayData, load_days
-from kdcore.training.loop import NO_KD, evaluate, fit, new_model, set_determinism
+from kdcore.training.loop import NO_KD, evaluate, fit, model_features, new_model, predict, set_determinism
 
 GateAction = Literal["distill", "hard_labels_only", "skip_students"]
 
@@ -41,18 +43,28 @@ def _existing(cfg: PipelineConfig, name: str, day: dt.date, parent: registry.Che
     return ckpt if same_parent and ckpt.meta.get("fingerprint") == fingerprint else None
 
 
+def aux_tasks(cfg: PipelineConfig, distill: DistillConfig) -> list[str]:
+    """Tasks that get an auxiliary head: the distilled ones, in auxiliary mode only."""
+    if distill.mode != "auxiliary":
+        return []
+    return distill.distilled_tasks(cfg.spec.served_tasks, [t.name for t in cfg.spec.tasks])
+
+
 def _warm_or_cold(cfg: PipelineConfig, parent: registry.Checkpoint | None, model_cfg: RankerConfig,
-                  aux: bool, data: DayData, day: dt.date) -> MultiTaskRanker:
+                  aux: list[str], data: DayData, day: dt.date
+                  ) -> tuple[MultiTaskRanker, torch.optim.Optimizer | None, int]:
+    """(model, optimizer, lifetime steps): the parent's when there is one (None optimizer
+    means fresh), else a cold start fitted on ``data``."""
     if parent is not None:
         model = parent.load(cfg.spec)
-        if model.config != model_cfg or bool(len(model.aux_heads)) != aux:
+        if model.config != model_cfg or model.aux_tasks != aux:
             raise StorageError(f"{parent.uri}: parent's model config differs from the pipeline config; "
                                f"start a new model name or bootstrap again")
-        return model
-    return new_model(model_cfg, cfg.spec, aux, data.features(model_cfg.hash_buckets).num, _seed(model_cfg, day))
+        return model, parent.load_optimizer(model), parent.steps
+    return new_model(model_cfg, cfg.spec, aux, data, _seed(model_cfg, day)), None, 0
 
 
-def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: RankerConfig, aux: bool,
+def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: RankerConfig, aux: list[str],
                        day: dt.date, data: DayData, parent: registry.Checkpoint | None,
                        distill: DistillConfig, soft: dict[str, np.ndarray] | None,
                        extra: dict[str, Any], fingerprint: dict[str, Any], epochs: int | None = None,
@@ -61,14 +73,19 @@ def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: Ran
     checkpoint also carries the reference profile of its recent training window, which
     the quality gate compares with the students' day."""
     start = time.perf_counter()
-    model = _warm_or_cold(cfg, parent, model_cfg, aux, data, day)
+    model, opt, steps_before = _warm_or_cold(cfg, parent, model_cfg, aux, data, day)
     metrics = evaluate(model, data) if (progressive and parent is not None) else None
-    train = fit(model, data.features(model_cfg.hash_buckets), data.hard, soft, distill,
-                seed=_seed(model_cfg, day), epochs=epochs)
+    if opt is None:
+        from kdcore.models.ranker import make_optimizer
+
+        opt = make_optimizer(model)
+    train = fit(model, model_features(model, data), data.hard, soft, distill,
+                seed=_seed(model_cfg, day), epochs=epochs, optimizer=opt, start_step=steps_before)
     rows_seen = (parent.meta.get("rows_seen", 0) if parent else 0) + len(data)
     meta = {"role": role, "dataset": cfg.spec.name, "parent": parent.version if parent else None,
             "progressive": {"date": day.isoformat(), "metrics": metrics} if metrics else None,
             "train": train, "rows_day": len(data), "rows_seen": rows_seen, "fingerprint": fingerprint,
+            "steps_total": train["steps_total"], "features": list(model_cfg.features or cfg.spec.feature_columns),
             "train_seconds": round(time.perf_counter() - start, 3), **extra}
     blobs = None
     if role == "teacher":
@@ -76,7 +93,7 @@ def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: Ran
 
         window = max(cfg.gate.profile_window_days, len(data.days))
         blobs = {PROFILE: window_profile(cfg.root, cfg.spec, day, window)}
-    ckpt = registry.publish_checkpoint(cfg.root, cfg.spec.name, name, day, model, meta, blobs)
+    ckpt = registry.publish_checkpoint(cfg.root, cfg.spec.name, name, day, model, meta, blobs, optimizer=opt)
     return {"name": name, "version": ckpt.version, "uri": ckpt.uri, "parent": meta["parent"],
             "trained_through": day.isoformat(), "progressive": metrics, "skipped": False}
 
@@ -105,7 +122,7 @@ def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict
     if not force and (ckpt := _existing(cfg, t.name, day, parent, fp)):
         return _summary(ckpt)
     data = load_days(cfg.root, cfg.spec, [day])
-    return _train_and_publish(cfg, t.name, "teacher", t.model, False, day, data, parent, NO_KD, None, {}, fp)
+    return _train_and_publish(cfg, t.name, "teacher", t.model, [], day, data, parent, NO_KD, None, {}, fp)
 
 
 def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str | None = None,
@@ -140,14 +157,22 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
         extra.update(teacher_version=joined.metadata.get("teacher_version"),
                      label_staleness_days=joined.metadata.get("staleness_days"),
                      labels_uri=labels_uri, labels_missing=joined.missing)
-    aux = s.distill.mode == "auxiliary"
-    return _train_and_publish(cfg, name, role, s.model, aux, day, data, parent, distill, soft, extra, fp)
+    return _train_and_publish(cfg, name, role, s.model, aux_tasks(cfg, s.distill), day, data, parent, distill,
+                              soft, extra, fp)
 
 
-def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None) -> dict[str, Any]:
-    """Train the teacher and every student (and control) on a window of history in one
-    go, hard labels only, publishing cold-start checkpoints through ``through``; the
-    daily loop then warm-starts from them."""
+def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
+              names: list[str] | None = None) -> dict[str, Any]:
+    """Train the teacher, then every student (and control) on a window of history in one
+    go, publishing cold-start checkpoints through ``through``; the daily loop then
+    warm-starts from them.
+
+    Students bootstrap with their own distillation config, from the bootstrapped teacher's
+    predictions on the window (kept in memory, not published), so auxiliary heads and
+    adapters are trained before the first daily step instead of starting from random
+    weights against a fully trained serving head. These labels are in-sample (no older
+    teacher exists); the daily loop's labels are out of sample by default. ``names``
+    restricts the students bootstrapped (None: all, controls included; []: teacher only)."""
     from kdcore.data.examples import list_days
 
     set_determinism(cfg.torch_threads)
@@ -157,16 +182,37 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None) ->
     if not window:
         raise StorageError(f"no example partitions on or before {through} to bootstrap from")
     data = load_days(cfg.root, cfg.spec, window)
-    out = {}
-    models = [(cfg.teacher.name, "teacher", cfg.teacher.model, False),
-              *[(s.name, "control" if s.name in cfg.controls() else "student", s.model,
-                 s.distill.mode == "auxiliary") for s in cfg.all_students()]]
-    for name, role, mcfg, aux in models:
-        fp = {"model": mcfg.model_dump(mode="json"), "bootstrap": [window[0].isoformat(), window[-1].isoformat()]}
-        if (ckpt := _existing(cfg, name, through, None, fp)):
-            out[name] = _summary(ckpt)
+    span = [window[0].isoformat(), window[-1].isoformat()]
+    extra = {"bootstrap": {"from": span[0], "to": span[1], "days": len(window)}}
+    t = cfg.teacher
+    fp_t = {"model": t.model.model_dump(mode="json"), "bootstrap": span}
+    out: dict[str, Any] = {}
+    teacher = _existing(cfg, t.name, through, None, fp_t)
+    if teacher is not None:
+        out[t.name] = _summary(teacher)
+    else:
+        out[t.name] = _train_and_publish(cfg, t.name, "teacher", t.model, [], through, data, None, NO_KD, None,
+                                         extra, fp_t, epochs=cfg.bootstrap.epochs, progressive=False)
+        teacher = registry.find_checkpoint(cfg.root, cfg.spec.name, t.name, through)
+    soft: dict[str, np.ndarray] | None = None
+    for s in cfg.all_students():
+        if names is not None and s.name not in names:
             continue
-        extra = {"bootstrap": {"from": window[0].isoformat(), "to": window[-1].isoformat(), "days": len(window)}}
-        out[name] = _train_and_publish(cfg, name, role, mcfg, aux, through, data, None, NO_KD, None, extra, fp,
-                                       epochs=cfg.bootstrap.epochs, progressive=False)
+        role = "control" if s.name in cfg.controls() else "student"
+        fp = {"model": s.model.model_dump(mode="json"), "distill": s.distill.model_dump(mode="json"),
+              "bootstrap": span, "teacher": teacher.version if s.distill.uses_teacher else None}
+        if (ckpt := _existing(cfg, s.name, through, None, fp)):
+            out[s.name] = _summary(ckpt)
+            continue
+        targets = None
+        if s.distill.uses_teacher:
+            if soft is None:
+                tm = teacher.load(cfg.spec)
+                soft = predict(tm, model_features(tm, data))
+            targets = fit_adapters(soft, data.hard, list(cfg.spec.tasks), s.distill.adapter, seed=s.model.seed)
+        info = dict(extra, kd_applied=s.distill.uses_teacher, distill_mode=s.distill.mode,
+                    teacher_version=teacher.version if s.distill.uses_teacher else None)
+        out[s.name] = _train_and_publish(cfg, s.name, role, s.model, aux_tasks(cfg, s.distill), through, data,
+                                         None, s.distill if s.distill.uses_teacher else NO_KD, targets, info, fp,
+                                         epochs=cfg.bootstrap.epochs, progressive=False)
     return out
