@@ -222,9 +222,12 @@ def teacher_promote_cmd(args: argparse.Namespace) -> int:
          "through the daily pipeline and write <out>/results.md with plots")
 @arg("--smoke", action="store_true", help="every study, tiny: few days, 1 seed, tiny models (CI)")
 @arg("--out", default="docs", help="directory for results.md and results/*.png")
-@arg("--seeds", type=int, default=None, help="model seeds (default 3; smoke 1)")
+@arg("--seeds", type=int, default=None, help="MovieLens model seeds (default 5; synth 3; smoke 2)")
 @arg("--days", type=int, default=None, help="evaluated days per dataset (default 60; smoke 4)")
 @arg("--root", default="var/experiments", help="storage root of the experiment runs (reused when re-run)")
+@arg("--dataset", action="append", choices=["movielens", "synth"], default=None,
+     help="run only this dataset now (repeatable); the others' saved results still enter the report")
+@arg("--report-only", action="store_true", help="only rebuild results.md from saved per-dataset results")
 def experiments_cmd(args: argparse.Namespace) -> int:
     import shlex
     import sys
@@ -234,7 +237,7 @@ def experiments_cmd(args: argparse.Namespace) -> int:
     command = "kd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["experiments"] \
         else "kd experiments"
     st = Settings.make(args.smoke, args.seeds, args.days, args.root, args.out, command)
-    res = run_experiments(st)
+    res = run_experiments(st, only=tuple(args.dataset) if args.dataset else None, report_only=args.report_only)
     print(json.dumps({"results": res["report"]["path"], "plots": len(res["report"]["plots"]),
                       "wall_seconds": round(res["wall_seconds"], 1),
                       "shared_labels_identical": res["datasets"].get("movielens", {}).get("shared", {}).get("identical")}))

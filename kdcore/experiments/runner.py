@@ -90,8 +90,8 @@ class Settings:
     teacher_embedding: int = 8  # times the size multiplier
     teacher_hidden: tuple[int, ...] = (32, 16)  # times the size multiplier
     teacher_buckets: int = 4096
-    teacher_epochs: int = 2
-    teacher_lr: float = 0.003
+    teacher_epochs: int = 1  # chosen on days before the evaluated window (see docs/results.md)
+    teacher_lr: float = 0.001
     teacher_batch: int = 64
     boot_epochs: int = 2
     # the tuning grid each of control, aux and direct gets (same budget for every one)
@@ -357,9 +357,9 @@ def run_teachers(st: Settings, ds: Dataset, base: Path, timings: Timings, progre
             ensure_labels(cfgs[g.key], day, timings)
 
 
-def _served_ne(meta: dict[str, Any], task: str) -> float | None:
+def _served(meta: dict[str, Any], task: str, metric: str) -> float | None:
     m = ((meta.get("progressive") or {}).get("metrics") or {}).get(task) or {}
-    return m.get("ne") if m.get("ne") is not None and np.isfinite(m["ne"]) else None
+    return m.get(metric) if m.get(metric) is not None and np.isfinite(m[metric]) else None
 
 
 def tune(st: Settings, ds: Dataset, base: Path, progress: bool = True) -> dict[str, Any]:
@@ -381,15 +381,18 @@ def tune(st: Settings, ds: Dataset, base: Path, progress: bool = True) -> dict[s
                            tuned={kind: {"lr": lr, "batch_size": batch}})
             task = _binary_task(cfg)
             steps.bootstrap(cfg, ds.boot_through, names=[kind])
-            nes = []
+            nes, aucs = [], []
             for day in tune_days:
                 labels = pipeline.find_labels(cfg, day, label_teacher(cfg, day)) if kind != CONTROL else None
                 res = pipeline.train_students(cfg, day, labels, "distill", [kind])[kind]
                 meta = registry.find_checkpoint(cfg.root, ds.name, kind, day).meta
                 assert res["version"] == meta["version"]
-                nes.append(_served_ne(meta, task))
+                nes.append(_served(meta, task, "ne"))
+                aucs.append(_served(meta, task, "auc"))
             ok = [x for x in nes if x is not None]
-            grid.append({"lr": lr, "batch_size": batch, "ne": float(np.mean(ok)) if ok else None})
+            ok_auc = [x for x in aucs if x is not None]
+            grid.append({"lr": lr, "batch_size": batch, "ne": float(np.mean(ok)) if ok else None,
+                         "auc": float(np.mean(ok_auc)) if ok_auc else None})
             if progress:
                 log.info("tune %s %s lr=%s batch=%s: NE %s", ds.name, kind, lr, batch, grid[-1]["ne"])
         best = min((g for g in grid if g["ne"] is not None), key=lambda g: g["ne"])
@@ -501,7 +504,8 @@ def collect(st: Settings, ds: Dataset, base: Path, timings: Timings, tuning: dic
         name = st.teacher_name(m)
         ckpts = [registry.find_checkpoint(str(r0), ds.name, name, d) for d in ds.eval]
         boot = registry.find_checkpoint(str(r0), ds.name, name, ds.boot_through)
-        cfg = make_cfg(st, ds, str(r0), next(g for g in gs if g.size == m and g.lag == 0), 0)
+        cfg = make_cfg(st, ds, str(r0), next(g for g in gs if g.size == m and g.lag == st.main_lag), 0,
+                       tuned=chosen(tuning))
         inf = [timings.data.get(f"{cfg.root}|{d}|{label_teacher(cfg, d)}") for d in ds.eval]
         teachers[str(m)] = {
             "name": name, "params": ckpts[-1].meta["params"], "flops_per_example": ckpts[-1].meta["flops_per_example"],
@@ -515,7 +519,7 @@ def collect(st: Settings, ds: Dataset, base: Path, timings: Timings, tuning: dic
     for name in [*[st.teacher_name(m) for m in sizes_for(st, ds.name)], CONTROL, *gs[0].students]:
         meta = registry.find_checkpoint(str(r0), ds.name, name, ds.eval[-1]).meta
         models["control" if name == CONTROL else name] = {
-            "role": meta["role"], "params": meta.get("serving_params", meta["params"]),
+            "role": "control" if name == CONTROL else meta["role"], "params": meta.get("serving_params", meta["params"]),
             "flops_per_example": meta.get("serving_flops_per_example", meta["flops_per_example"]),
             "train_params": meta["params"], "features": meta.get("features"),
             "lr": meta["model"]["lr"], "batch_size": meta["model"]["batch_size"]}
@@ -546,16 +550,29 @@ def collect(st: Settings, ds: Dataset, base: Path, timings: Timings, tuning: dic
             "tuning_days": tuning["days"], "seeds": st.seeds_for(ds.name)}
 
 
-def run_experiments(st: Settings, progress: bool = True) -> dict[str, Any]:
-    """Run every study on every dataset, then write ``<out>/results.md`` and plots."""
+def run_experiments(st: Settings, progress: bool = True, only: tuple[str, ...] | None = None,
+                    report_only: bool = False) -> dict[str, Any]:
+    """Run every study on the datasets (``only`` restricts which run now; the others are
+    read from their saved results), then write ``<out>/results.md`` and plots. Datasets
+    run in separate processes can so share one report: run each with ``only``, then
+    once with ``report_only``."""
     from kdcore.experiments.report import WALL, write_report
 
     start = time.perf_counter()
     mode = "smoke" if st.smoke else "full"
     results: dict[str, Any] = {"settings": {k: (list(v) if isinstance(v, tuple) else v)
                                             for k, v in st.__dict__.items()}, "datasets": {}}
+    walls = []
     for name in st.datasets:
         base = Path(st.root).resolve() / mode / name
+        saved = base / "results.json"
+        if report_only or (only is not None and name not in only):
+            if saved.exists():
+                res = json.loads(saved.read_text())
+                results["datasets"][name] = res
+                walls.append(res.get("wall_seconds", 0.0))
+            continue
+        t0 = time.perf_counter()
         ds = prepare_movielens(st, base) if name == "movielens" else prepare_synth(st, base)
         timings = Timings(base / "timings.json")
         run_teachers(st, ds, base, timings, progress)
@@ -565,12 +582,17 @@ def run_experiments(st: Settings, progress: bool = True) -> dict[str, Any]:
         res = collect(st, ds, base, timings, tuning)
         if name == "movielens":
             res["shared"] = run_shared_labels(st, ds, base, timings, tuning)
+        res["wall_seconds"] = time.perf_counter() - t0
+        walls.append(res["wall_seconds"])
+        saved.write_text(json.dumps(res, indent=1, sort_keys=True))
         results["datasets"][name] = res
+    if not results["datasets"]:
+        raise ValueError(f"no experiment results under {Path(st.root).resolve() / mode}: run the datasets first")
     results["wall_seconds"] = time.perf_counter() - start
     out_json = Path(st.root).resolve() / mode / "results.json"
     out_json.write_text(json.dumps(results, indent=1, sort_keys=True))
     results["report"] = write_report(results, st.out)
-    total = time.perf_counter() - start
+    total = sum(walls) if report_only or only else time.perf_counter() - start
     md = Path(results["report"]["path"])
     md.write_text(md.read_text().replace(WALL, f"{total:.0f} s ({total / 60:.1f} min)"))
     results["wall_seconds_total"] = total
