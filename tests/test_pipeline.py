@@ -67,6 +67,18 @@ def test_run_days_in_order_then_report(kd: KD):
     md = part.read_blob(uri, "report.md").decode()
     assert md == rep["markdown"]
     assert f"over 3 days ({days[0]} .. {days[-1]})" in md
+    # every model's served size, cost, features and loss shares, read from its newest checkpoint
+    models = {r["model"]: r for r in csv.DictReader(io.StringIO(part.read_blob(uri, "models.csv").decode()))}
+    assert set(models) == set(MODELS)
+    for name in MODELS:
+        meta = registry.find_checkpoint(cfg.root, DS, name, days[-1]).meta
+        assert int(models[name]["flops_per_example"]) == meta["serving_flops_per_example"]
+        assert f"| {name} | {models[name]['role']} | {meta['serving_params']:,} | " in md
+        shares = meta["train"]["loss_share"]
+        assert float(models[name]["loss_share:like"]) == pytest.approx(shares["like"])
+        assert shares["like"] + shares["rating"] == pytest.approx(1.0)
+    assert int(models["teacher"]["privileged"]) == len(cfg.spec.privileged)
+    assert int(models["control"]["privileged"]) == 0
     for day in days:
         teacher_meta = registry.find_checkpoint(cfg.root, DS, "teacher", day).meta
         auc = teacher_meta["progressive"]["metrics"]["like"]["auc"]

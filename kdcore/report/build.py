@@ -12,7 +12,7 @@ import numpy as np
 
 from kdcore.config import PipelineConfig
 from kdcore.evaluation.stats import fmt_ci, paired_diff
-from kdcore.report.collect import gate_rows, metric_rows
+from kdcore.report.collect import gate_rows, metric_rows, model_rows
 from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 
@@ -99,8 +99,28 @@ def _plot(cfg: PipelineConfig, rows, gates) -> dict[str, bytes]:
     return out
 
 
-def _markdown(cfg: PipelineConfig, rows, gains, gates) -> str:
-    lines = [f"# KD report: {cfg.spec.name}", ""]
+def _models_md(cfg: PipelineConfig, models: list[dict[str, Any]]) -> list[str]:
+    if not models:
+        return []
+    teacher = next((m for m in models if m["role"] == "teacher"), None)
+    tasks = [t.name for t in cfg.spec.tasks]
+    lines = ["## Models", "", "Served size and cost per example (auxiliary heads are not served); features read "
+             "(privileged = teacher-only); recipe; each task's share of the training loss on the last day.", "",
+             "| model | role | params | FLOPs/example | vs teacher | features (privileged) | lr | batch | steps | "
+             + " | ".join(f"loss share {t}" for t in tasks) + " |", "|---" * (9 + len(tasks)) + "|"]
+    for m in models:
+        ratio = (f"1/{teacher['flops_per_example'] / m['flops_per_example']:.0f}"
+                 if teacher and m["flops_per_example"] and m is not teacher else "—")
+        shares = " | ".join(f"{m[f'loss_share:{t}']:.0%}" if m.get(f"loss_share:{t}") is not None else ""
+                            for t in tasks)
+        lines.append(f"| {m['model']} | {m['role']} | {m['params']:,} | {m['flops_per_example']:,} | {ratio} | "
+                     f"{m['features']} ({m['privileged']}) | {m['lr']} | {m['batch_size']} | {m['steps_total']} | "
+                     f"{shares} |")
+    return lines + [""]
+
+
+def _markdown(cfg: PipelineConfig, rows, gains, gates, models: list[dict[str, Any]] | None = None) -> str:
+    lines = [f"# KD report: {cfg.spec.name}", "", *_models_md(cfg, models or [])]
     days = sorted({r["date"] for r in rows})
     if not days:
         return "\n".join(lines + ["No progressive metrics yet: run at least one day after bootstrap."])
@@ -141,10 +161,11 @@ def _markdown(cfg: PipelineConfig, rows, gains, gates) -> str:
 
 
 def build_report(cfg: PipelineConfig, out: str | None = None) -> dict[str, Any]:
-    rows, gates = metric_rows(cfg), gate_rows(cfg)
+    rows, gates, models = metric_rows(cfg), gate_rows(cfg), model_rows(cfg)
     gains = kd_gains(cfg, rows)
-    md = _markdown(cfg, rows, gains, gates)
+    md = _markdown(cfg, rows, gains, gates, models)
     blobs = {"report.md": md.encode(), "metrics.csv": _csv(rows), "kd_gain.csv": _csv(gains),
+             "models.csv": _csv(models),
              "gate.csv": _csv(gates), **_plot(cfg, rows, gates)}
     uri = out or sfs.join(cfg.root, "reports", cfg.spec.name)
     part.publish_blobs(uri, blobs, {"kind": "report", "days": len({r['date'] for r in rows})})

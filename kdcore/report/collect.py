@@ -47,3 +47,26 @@ def gate_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
             row[check["name"]] = check.get("value")
         rows.append(row)
     return rows
+
+
+def model_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """One row per model from its newest checkpoint: served size and cost (what a serving
+    budget is about), the features it reads, its recipe, and each task's share of its
+    training loss over its last day (so no task silently dominates by scale)."""
+    rows = []
+    names = [(cfg.teacher.name, "teacher"), *[(s.name, "control" if s.name in cfg.controls() else "student")
+                                               for s in cfg.all_students()]]
+    for name, role in names:
+        days = registry.list_checkpoints(cfg.root, cfg.spec.name, name)
+        if not days:
+            continue
+        meta = registry.find_checkpoint(cfg.root, cfg.spec.name, name, max(days)).meta
+        feats = meta.get("features") or []
+        rows.append({"model": name, "role": role, "trained_through": meta["trained_through"],
+                     "params": meta.get("serving_params", meta.get("params")),
+                     "flops_per_example": meta.get("serving_flops_per_example", meta.get("flops_per_example")),
+                     "features": len(feats), "privileged": len([f for f in feats if f in cfg.spec.privileged]),
+                     "lr": meta["model"]["lr"], "batch_size": meta["model"]["batch_size"],
+                     "steps_total": meta.get("steps_total"),
+                     **{f"loss_share:{t}": v for t, v in ((meta.get("train") or {}).get("loss_share") or {}).items()}})
+    return rows
