@@ -219,22 +219,25 @@ def test_day_steps_continue_the_optimizer_bit_for_bit(kd) -> None:  # noqa: F811
     steps.teacher_step(kd.cfg, d2)
     stored = part_bytes(kd.cfg, d2)
 
-    parent = registry.find_checkpoint(kd.cfg.root, "movielens", "teacher", kd.B)
-    model = parent.load(kd.cfg.spec)
-    opt = parent.load_optimizer(model)
-    step = parent.steps
-    for day in (d1, d2):
-        data = load_days(kd.cfg.root, kd.cfg.spec, [day])
-        out = fit(model, model_features(model, data), data.hard, None, NO_KD, seed=steps._seed(model.config, day),
-                  optimizer=opt, start_step=step)
-        step = out["steps_total"]
-    assert model_to_bytes(model) == stored
+    assert _in_memory(kd, [d1, d2]) == stored
 
     c1 = registry.find_checkpoint(kd.cfg.root, "movielens", "teacher", d1)
     fresh = c1.load(kd.cfg.spec)
     data = load_days(kd.cfg.root, kd.cfg.spec, [d2])
     fit(fresh, model_features(fresh, data), data.hard, None, NO_KD, seed=steps._seed(fresh.config, d2))
     assert model_to_bytes(fresh) != stored
+
+
+def _in_memory(kd, days: list[dt.date]) -> bytes:  # noqa: F811
+    """The bootstrap teacher trained on ``days`` by one model and one optimizer, in memory."""
+    parent = registry.find_checkpoint(kd.cfg.root, "movielens", "teacher", kd.B)
+    model = parent.load(kd.cfg.spec)
+    opt, step = parent.load_optimizer(model), parent.steps
+    for day in days:
+        data = load_days(kd.cfg.root, kd.cfg.spec, [day])
+        step = fit(model, model_features(model, data), data.hard, None, NO_KD,
+                   seed=steps._seed(model.config, day), optimizer=opt, start_step=step)["steps_total"]
+    return model_to_bytes(model)
 
 
 def part_bytes(cfg: PipelineConfig, day: dt.date) -> bytes:
@@ -260,15 +263,7 @@ def test_two_processes_equal_one(kd, tmp_path: Path) -> None:  # noqa: F811
     meta = registry.find_checkpoint(kd.cfg.root, "movielens", "teacher", d2).meta
     assert meta["optimizer"] and meta["steps_total"] > registry.find_checkpoint(
         kd.cfg.root, "movielens", "teacher", d1).meta["steps_total"]
-    parent = registry.find_checkpoint(kd.cfg.root, "movielens", "teacher", kd.B)
-    model = parent.load(kd.cfg.spec)
-    opt = parent.load_optimizer(model)
-    step = parent.steps
-    for day in (d1, d2):
-        data = load_days(kd.cfg.root, kd.cfg.spec, [day])
-        step = fit(model, model_features(model, data), data.hard, None, NO_KD,
-                   seed=steps._seed(model.config, day), optimizer=opt, start_step=step)["steps_total"]
-    assert model_to_bytes(model) == stored
+    assert _in_memory(kd, [d1, d2]) == stored
 
 
 # --- bootstrap and knobs -----------------------------------------------------------------
