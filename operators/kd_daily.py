@@ -193,8 +193,11 @@ def choose_teacher(plan: dict[str, Any]) -> list[dict[str, Any]]:
     except KDError as e:
         raise AirflowFailException(str(e)) from None
     staleness = (day - ckpt.trained_through).days
-    if staleness > 0:
-        log.warning("labels for %s come from %s, %d day(s) stale", day, ckpt.version, staleness)
+    if staleness > cfg.policies.label_lag_days:  # staler than the label policy asks for: a refresh failed
+        log.warning("labels for %s come from %s, %d day(s) stale (policy: %s, lag %d)", day, ckpt.version,
+                    staleness, cfg.policies.labels, cfg.policies.label_lag_days)
+    else:
+        log.info("labels for %s come from %s (%s, %d day(s) old)", day, ckpt.version, cfg.policies.labels, staleness)
     return [{"teacher_version": ckpt.version, "shard": i} for i in range(plan["shards"])]
 
 
