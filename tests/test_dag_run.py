@@ -84,8 +84,9 @@ def test_every_stage_output_and_lineage(world, monkeypatch):
     for day in world["dates"]:
         labels = find_labels(cfg, day)
         assert is_published(labels)
-        teacher = registry.find_checkpoint(cfg.root, ds, cfg.teacher.name, day)
-        assert teacher.version in labels  # labels of D come from the teacher through D
+        # out-of-sample labels: D is scored by the teacher through D-1, before D's refresh
+        teacher = registry.lineage(cfg.root, ds, cfg.teacher.name, day)[1]
+        assert teacher.trained_through < day and teacher.version in labels
     assert is_published(f"{cfg.root}/reports/{ds}")
 
 
