@@ -109,6 +109,7 @@ class Settings:
     datasets: tuple[str, ...] = ("movielens", "synth")
     size_datasets: tuple[str, ...] = ("movielens",)  # the size study on synth would exceed the time budget
     synth_modes: tuple[str, ...] = ("aux", "direct")  # adapters on MovieLens only (time budget)
+    ml_tune_days: int = 30  # MovieLens tuning window, just before the daily window (7 warm-up days are too noisy)
     command: str = ""
 
     @classmethod
@@ -120,7 +121,7 @@ class Settings:
                        student_embedding=2, student_hidden=(4,), student_buckets=64, teacher_embedding=2,
                        teacher_hidden=(4,), teacher_buckets=128, teacher_epochs=1, boot_epochs=1,
                        tune_lrs=(0.01,), tune_batches=(64, 256), synth_tune_batches=(64, 256),
-                       ml_boot_days=6, synth_boot_days=3, synth_rows=300, synth_users=300,
+                       ml_boot_days=6, ml_tune_days=3, synth_boot_days=3, synth_rows=300, synth_users=300,
                        synth_items=150, synth_shift_after=2, synth_modes=tuple(DISTILL), command=command)
         return cls(seeds=seeds or 5, days=days or 60, root=root, out=out, command=command)
 
@@ -163,6 +164,7 @@ class Dataset:
     eval: list[dt.date]
     shift: dt.date | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    tune: list[dt.date] = field(default_factory=list)  # tuning days before the daily window (none: warm-up)
 
 
 @dataclass
@@ -252,7 +254,8 @@ def prepare_movielens(st: Settings, base: Path) -> Dataset:
     boot_days = st.ml_boot_days or len(before)
     if len(before) < boot_days or not before:
         raise ValueError(f"movielens: {len(before)} days before the daily window, need {boot_days}")
-    return Dataset("movielens", data_root, before[-1], boot_days, daily, ev,
+    tune = before[-st.ml_tune_days:] if st.ml_tune_days and len(before) > st.ml_tune_days + 1 else []
+    return Dataset("movielens", data_root, before[-1], boot_days, daily, ev, tune=tune,
                    info={"rows_per_day": round(float(np.mean([part.read_manifest(examples.examples_uri(
                        data_root, spec.name, d)).rows or 0 for d in ev])), 1)})
 
@@ -337,11 +340,12 @@ def link_teachers(st: Settings, ds: Dataset, base: Path, root: Path) -> None:
     _link(r0 / "labels" / ds.name, root / "labels" / ds.name)
 
 
-def run_teachers(st: Settings, ds: Dataset, base: Path, timings: Timings, progress: bool = True) -> None:
+def run_teachers(st: Settings, ds: Dataset, base: Path, timings: Timings, progress: bool = True,
+                 main_only: bool = False) -> None:
     """Bootstrap and refresh every teacher over the daily window and materialize the
     labels of every study, in seed 0's root, before any student trains."""
     root = setup_root(st, ds, base, 0)
-    gs = groups(st, ds.name)
+    gs = groups(st, ds.name)[:1] if main_only else groups(st, ds.name)
     cfgs = {g.key: make_cfg(st, ds, str(root), g, 0) for g in gs}
     teacher_cfgs = {g.size: cfgs[g.key] for g in gs if g.lag == st.main_lag}
     for cfg in teacher_cfgs.values():
@@ -370,17 +374,25 @@ def tune(st: Settings, ds: Dataset, base: Path, progress: bool = True) -> dict[s
     if path.exists():
         return json.loads(path.read_text())
     main = groups(st, ds.name)[0]
+    tbase = base
     tune_days = ds.daily[:st.warmup] if st.warmup else ds.daily[:1]
+    if ds.tune:  # a window of its own before the daily one, with its own teacher run
+        tbase = base / "tune" / "window"
+        tds = Dataset(ds.name, ds.data_root, ds.tune[0] - dt.timedelta(days=1), ds.boot_days, ds.tune, ds.tune)
+        link = tbase / "seed0" / "examples" / ds.name
+        _link(Path(ds.data_root) / "examples" / ds.name, link)
+        run_teachers(st, tds, tbase, Timings(tbase / "timings.json"), progress, main_only=True)
+        tune_days = ds.tune
     out: dict[str, Any] = {"days": [d.isoformat() for d in tune_days], "models": {}}
     for kind in (CONTROL, "aux", "direct"):
         grid = []
         for lr, batch in st.grid(ds.name):
             root = base / "tune" / f"{kind}_lr{lr}_b{batch}"
-            link_teachers(st, ds, base, root)
+            link_teachers(st, ds, tbase, root)
             cfg = make_cfg(st, ds, str(root), main, 0, students=[kind],
                            tuned={kind: {"lr": lr, "batch_size": batch}})
             task = _binary_task(cfg)
-            steps.bootstrap(cfg, ds.boot_through, names=[kind])
+            steps.bootstrap(cfg, tune_days[0] - dt.timedelta(days=1) if ds.tune else ds.boot_through, names=[kind])
             nes, aucs = [], []
             for day in tune_days:
                 labels = pipeline.find_labels(cfg, day, label_teacher(cfg, day)) if kind != CONTROL else None
