@@ -177,10 +177,17 @@ def http(method: str, url: str, body: Any = None, token: str | None = None, time
     return json.loads(raw) if raw else None
 
 
-def wait_until(what: str, fn, timeout: float, interval: float = 1.0, components=()) -> Any:
-    deadline = time.monotonic() + timeout
+def wait_until(what: str, fn, timeout: float, interval: float = 1.0, components=(), progress=None,
+               ceiling: float = 3600.0) -> Any:
+    """Poll ``fn`` until it returns something truthy. Without ``progress``, ``timeout`` is a
+    plain deadline. With it, ``timeout`` is how long nothing may move: each change of
+    ``progress()`` (e.g. the task-instance states) restarts the clock, so a loaded machine
+    that is slow but working does not fail the test; ``ceiling`` bounds the whole wait."""
+    start = time.monotonic()
+    deadline = start + timeout
     last: Any = None
-    while time.monotonic() < deadline:
+    seen: Any = None
+    while time.monotonic() < min(deadline, start + ceiling):
         for c in components:
             if not c.alive():
                 raise AssertionError(f"{c.name} exited ({c.proc.returncode}) while waiting for {what}")
@@ -188,10 +195,13 @@ def wait_until(what: str, fn, timeout: float, interval: float = 1.0, components=
             last = fn()
             if last:
                 return last
+            if progress is not None and (now := progress()) != seen:
+                seen, deadline = now, time.monotonic() + timeout
         except (AssertionError, OSError) as e:
             last = e
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+    stalled = f"no progress for {timeout:.0f} s" if progress is not None else f"timed out after {timeout:.0f} s"
+    raise AssertionError(f"{stalled} waiting for {what} ({time.monotonic() - start:.0f} s in all); last: {last!r}")
 
 
 class Api:

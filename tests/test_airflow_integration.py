@@ -43,6 +43,13 @@ def _run(api: Api, run_id: str) -> dict:
     return api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}")
 
 
+def _progress(api: Api) -> tuple:
+    """Every task instance's state across the DAG's runs: changes whenever work gets done."""
+    tis = api("GET", f"/dags/{DAG_ID}/dagRuns/~/taskInstances?limit=1000")["task_instances"]
+    return tuple(sorted((t["dag_run_id"], t["task_id"], t.get("map_index", -1), t.get("state") or "")
+                        for t in tis))
+
+
 def _tis(api: Api, run_id: str) -> list[dict]:
     return api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
 
@@ -73,7 +80,8 @@ def test_backfill_and_adhoc_run(tmp_path):
         create_backfill(env, dates[0], dates[-1])
         api("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
         runs = wait_until("the backfill", lambda: (rs := _runs(api, "backfill")) and len(rs) == N_DATES
-                          and all(_done(r) for r in rs) and rs, 420, interval=3, components=comps)
+                          and all(_done(r) for r in rs) and rs, 420, interval=3, components=comps,
+                          progress=lambda: _progress(api))
         runs.sort(key=lambda r: r["data_interval_start"])
         starts = [dt.datetime.fromisoformat(r["data_interval_start"]).date() for r in runs]
         assert starts == dates, f"backfill runs cover {starts}, expected {dates}"
@@ -103,7 +111,7 @@ def test_backfill_and_adhoc_run(tmp_path):
         wait_until("the cleared run to restart", lambda: _run(api, cleared["dag_run_id"])["end_date"] != cleared["end_date"],
                    60, components=comps)
         rerun = wait_until("the cleared run", lambda: _done(r := _run(api, cleared["dag_run_id"])) and r, 240,
-                           interval=3, components=comps)
+                           interval=3, components=comps, progress=lambda: _progress(api))
         assert rerun["state"] == "success"
         assert sha_tree(store / "labels") == labels_before
         assert sha_tree(store / "models") == models_before
@@ -115,6 +123,7 @@ def test_backfill_and_adhoc_run(tmp_path):
         conf = {"date": day.isoformat(), "stages": ["students"], "students": ["student_aux"], "force": True}
         adhoc = api("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
         adhoc = wait_until("the ad hoc run", lambda: _done(r := _run(api, adhoc["dag_run_id"])) and r, 180,
+                           progress=lambda: _progress(api),
                            interval=2, components=comps)
         tis = {(t["task_id"], t["map_index"]): t for t in _tis(api, adhoc["dag_run_id"])}
         assert adhoc["state"] == "success", {k: t["state"] for k, t in tis.items()}
