@@ -22,7 +22,7 @@ from kdcore.distill.config import DistillConfig
 from kdcore.errors import StorageError
 from kdcore.labels.join import load_joined
 from kdcore.models import registry
-from kdcore.models.ranker import MultiTaskRanker, RankerConfig
+from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
 from kdcore.training.data import DayData, load_days
 from kdcore.training.loop import NO_KD, evaluate, fit, model_features, new_model, predict, set_determinism
 
@@ -52,16 +52,17 @@ def aux_tasks(cfg: PipelineConfig, distill: DistillConfig) -> list[str]:
 
 def _warm_or_cold(cfg: PipelineConfig, parent: registry.Checkpoint | None, model_cfg: RankerConfig,
                   aux: list[str], data: DayData, day: dt.date
-                  ) -> tuple[MultiTaskRanker, torch.optim.Optimizer | None, int]:
-    """(model, optimizer, lifetime steps): the parent's when there is one (None optimizer
-    means fresh), else a cold start fitted on ``data``."""
+                  ) -> tuple[MultiTaskRanker, torch.optim.Optimizer, int]:
+    """(model, optimizer, lifetime steps): the parent's when there is one, else a cold
+    start fitted on ``data`` with a fresh optimizer."""
     if parent is not None:
         model = parent.load(cfg.spec)
         if model.config != model_cfg or model.aux_tasks != aux:
             raise StorageError(f"{parent.uri}: parent's model config differs from the pipeline config; "
                                f"start a new model name or bootstrap again")
         return model, parent.load_optimizer(model), parent.steps
-    return new_model(model_cfg, cfg.spec, aux, data, _seed(model_cfg, day)), None, 0
+    model = new_model(model_cfg, cfg.spec, aux, data, _seed(model_cfg, day))
+    return model, make_optimizer(model), 0
 
 
 def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: RankerConfig, aux: list[str],
@@ -75,10 +76,6 @@ def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: Ran
     start = time.perf_counter()
     model, opt, steps_before = _warm_or_cold(cfg, parent, model_cfg, aux, data, day)
     metrics = evaluate(model, data) if (progressive and parent is not None) else None
-    if opt is None:
-        from kdcore.models.ranker import make_optimizer
-
-        opt = make_optimizer(model)
     train = fit(model, model_features(model, data), data.hard, soft, distill,
                 seed=_seed(model_cfg, day), epochs=epochs, optimizer=opt, start_step=steps_before)
     rows_seen = (parent.meta.get("rows_seen", 0) if parent else 0) + len(data)
