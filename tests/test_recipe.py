@@ -273,11 +273,10 @@ def test_bootstrap_trains_the_auxiliary_heads(kd) -> None:  # noqa: F811
     assert ck.meta["kd_applied"] is True and ck.meta["aux_tasks"] == kd.cfg.spec.served_tasks
     model = ck.load(kd.cfg.spec)
     init = MultiTaskRanker(model.config, model.n_cat, model.n_num, model.tasks, aux_heads=model.aux_tasks)
-    for name in model.aux_tasks:
-        assert not torch.equal(model.aux_heads[name][0].weight if hasattr(model.aux_heads[name], "__getitem__")
-                               else model.aux_heads[name].weight,
-                               init.aux_heads[name][0].weight if hasattr(init.aux_heads[name], "__getitem__")
-                               else init.aux_heads[name].weight)
+    trained, fresh = model.aux_heads.state_dict(), init.aux_heads.state_dict()
+    assert trained.keys() == fresh.keys()
+    for k in trained:
+        assert not torch.equal(trained[k], fresh[k]), k
     assert "rating" not in model.aux_heads  # unserved: not distilled, so no head nothing trains
     ctrl = registry.find_checkpoint(kd.cfg.root, "movielens", "control", kd.B)
     assert ctrl.meta["kd_applied"] is False
@@ -306,3 +305,12 @@ def test_each_auxiliary_knob_changes_the_student() -> None:
     assert _train_aux({}) == base  # deterministic, so the differences above are the knobs
     with pytest.raises(ValueError, match="grad_scale was removed: under Adam it is the same knob as loss_weight"):
         DistillConfig.model_validate({"mode": "auxiliary", "auxiliary": {"grad_scale": 0.1}})
+
+
+def test_served_size_excludes_auxiliary_heads() -> None:
+    from kdcore.models.ranker import export_serving
+
+    model = MultiTaskRanker(CFG, 2, 2, [Task(name="click", kind="binary")], aux_heads=True)
+    served = export_serving(model)
+    assert model.param_count(serving=True) == served.param_count() < model.param_count()
+    assert model.flops_per_example(serving=True) == served.flops_per_example() < model.flops_per_example()

@@ -211,14 +211,15 @@ class MultiTaskRanker(nn.Module):
             out[t.name] = torch.sigmoid(raw) if t.kind == "binary" else self.to_task_units(t.name, raw)
         return out
 
-    def param_count(self) -> int:
-        """All parameters, auxiliary heads included (use export_serving for the served size)."""
-        return sum(p.numel() for p in self.parameters())
+    def param_count(self, serving: bool = False) -> int:
+        """All parameters, auxiliary heads included; ``serving``: only what is served."""
+        return sum(p.numel() for n, p in self.named_parameters() if not (serving and n.startswith("aux_heads.")))
 
-    def flops_per_example(self) -> int:
+    def flops_per_example(self, serving: bool = False) -> int:
         """Approximate FLOPs (2 x multiply-adds) of every dense layer present, auxiliary
-        heads included; embedding lookups and activations are not counted."""
-        return sum(2 * m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+        heads included unless ``serving``; embedding lookups and activations are not counted."""
+        return sum(2 * m.in_features * m.out_features for n, m in self.named_modules()
+                   if isinstance(m, nn.Linear) and not (serving and n.startswith("aux_heads.")))
 
 
 def as_tensors(features: Features) -> tuple[torch.Tensor, torch.Tensor]:

@@ -140,19 +140,19 @@ def publish_checkpoint(root: str, dataset: str, name: str, day: dt.date, model: 
     without them), the optimizer state when given, plus metadata; the version is derived
     from the weights' bytes."""
     weights = model_to_bytes(model)
-    served = export_serving(model)
     meta = dict(meta, name=name, version=make_version(name, day, weights), trained_through=day.isoformat(),
                 model=model.config.model_dump(mode="json"), aux_heads=bool(len(model.aux_heads)),
                 aux_tasks=list(model.aux_tasks), params=model.param_count(),
                 flops_per_example=model.flops_per_example(),
-                serving_params=served.param_count(), serving_flops_per_example=served.flops_per_example())
+                serving_params=model.param_count(serving=True),
+                serving_flops_per_example=model.flops_per_example(serving=True))
     blobs = {WEIGHTS: weights, **(extra_blobs or {})}
     if optimizer is not None:
         from kdcore.training.optim import optimizer_state_to_bytes
 
         blobs[OPTIMIZER], meta["optimizer"] = optimizer_state_to_bytes(optimizer, model)
     if bool(len(model.aux_heads)):
-        blobs[SERVING] = model_to_bytes(served)
+        blobs[SERVING] = model_to_bytes(export_serving(model))
     blobs[META] = (json.dumps(meta, sort_keys=True, indent=1, default=str) + "\n").encode()
     uri = checkpoint_uri(root, dataset, name, day)
     part.publish_blobs(uri, blobs, {"kind": "checkpoint", "version": meta["version"]})
