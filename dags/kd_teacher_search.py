@@ -8,7 +8,9 @@ candidates are ranked by the *student's* progressive NE gain over the control; t
 1/eta continue warm from their checkpoints with more days, until the budget is spent or
 one remains. Manual trigger only; nothing here changes the daily pipeline: promote the
 winner explicitly with ``kd teacher promote --search-result <uri> --config ... --write``.
-See docs/teacher_search.md.
+Path params are confined at run time (``operators.teacher_search.validate_params``):
+``config`` to the configs folder, ``root`` to the config's search_root or
+$KD_STORAGE_ROOT. See docs/teacher_search.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from operators import teacher_search as t
                   "execution_timeout": dt.timedelta(hours=2)},
     params={
         "config": Param(t.DEFAULT_CONFIG, type="string", minLength=1,
-                        description="candidates file: teacher search YAML (relative to the repo)"),
+                        description="candidates file: teacher search YAML in the configs folder "
+                                    "($KD_CONFIG_DIR or the repo's configs/; relative paths are taken there)"),
         "budget_seconds": Param(None, type=["null", "number"], exclusiveMinimum=0,
                                 description="override budget.seconds (work seconds of the whole search)"),
         "bootstrap_end": Param(None, type=["null", "string"], format="date",
@@ -40,8 +43,10 @@ from operators import teacher_search as t
                                  description="override window.validation_days"),
         "proxy_student": Param(None, type=["null", "object"],
                                description="override proxy_student: {model: {...}, distill: {...}, bootstrap_days}"),
-        "root": Param(None, type=["null", "string"], description="override search_root"),
-        "run_id": Param(None, type=["null", "string"], pattern="^[A-Za-z0-9_.-]{1,80}$",
+        "root": Param(None, type=["null", "string"], minLength=1,
+                      description="override search_root: at or under the config's search_root "
+                                  "or $KD_STORAGE_ROOT"),
+        "run_id": Param(None, type=["null", "string"], pattern="^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$",
                         description="search run id (default: the DAG run id)"),
     },
     tags=["kd", "search"],

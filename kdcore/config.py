@@ -15,23 +15,38 @@ from kdcore.data.spec import DatasetSpec, load_spec
 from kdcore.distill.config import DistillConfig
 from kdcore.errors import SpecError
 from kdcore.models.ranker import RankerConfig
+from kdcore.paths import is_safe_name
 from kdcore.quality.gate import GatePolicy
 from kdcore.storage import fs as sfs
 from kdcore.yamlconf import Strict, load_yaml
 
 CONTROL = "control"
+# Model names (teacher, students, controls) are path segments (<root>/models/<dataset>/<name>/)
+# and Airflow asset names: lower-case identifiers, so never '.', '..' or anything with '/'.
 NAME = r"^[a-z][a-z0-9_]{0,40}$"
 
 
+def _path_segment(value: str) -> str:
+    """Belt and braces behind NAME: whatever NAME becomes, a name stays one safe path
+    segment (kdcore.paths.SAFE_NAME, not '.' or '..'); the error names the field."""
+    if not is_safe_name(value):
+        raise ValueError(f"{value!r} is not a safe name: one path segment, not '.' or '..', no '/'")
+    return value
+
+
 class TeacherConfig(Strict):
-    name: str = Field("teacher", pattern=NAME)
+    name: str = Field("teacher", pattern=NAME, description="path segment: lower-case identifier")
     model: RankerConfig = Field(default_factory=lambda: RankerConfig(embedding_dim=32, hidden=[256, 128, 64]))
+
+    _safe_name = field_validator("name")(_path_segment)
 
 
 class StudentConfig(Strict):
-    name: str = Field(pattern=NAME)
+    name: str = Field(pattern=NAME, description="path segment: lower-case identifier")
     model: RankerConfig = Field(default_factory=RankerConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    _safe_name = field_validator("name")(_path_segment)
 
 
 class Policies(Strict):

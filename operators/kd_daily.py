@@ -46,7 +46,15 @@ def student_asset(name: str) -> Asset:
 
 
 def config_path() -> str:
-    """The pipeline config: ``$KD_PIPELINE_CONFIG`` or the repo's configs/demo.yaml."""
+    """The pipeline config: ``$KD_PIPELINE_CONFIG`` or the repo's configs/demo.yaml.
+
+    Deliberately not a DAG param: the environment is set by whoever deploys the workers
+    (trusted, like the ``kd`` CLI's arguments, so not confined; tests point it at
+    tests/configs/). No kd_daily param reaches a path: the plan's config and storage root
+    come from here and from the config/``$KD_STORAGE_ROOT``; ``students`` are matched
+    against the config's names and ``teacher_version`` against a stored checkpoint's
+    exact version before either is used. A param that ever names a path must be confined
+    with kdcore.paths (see operators.teacher_search.validate_params)."""
     path = Path(os.environ.get("KD_PIPELINE_CONFIG") or DEFAULT_CONFIG)
     if not path.is_absolute():
         path = REPO_ROOT / path

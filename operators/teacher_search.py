@@ -3,13 +3,20 @@
 Thin shells over ``kdcore.search.run``'s rung-by-rung functions; kdcore (torch, pyarrow)
 is imported inside the task bodies only. Tasks pass the run URI and small JSON plans
 through XCom; the search state lives in ``<search_root>/search/<run_id>/state.json``.
-Every task is idempotent for the same run id (a retried task resumes or re-reads)."""
+Every task is idempotent for the same run id (a retried task resumes or re-reads).
+
+Params are confined before anything is read (``validate_params``): ``config`` must lie in
+the configs folder (``$KD_CONFIG_DIR``, default the repo's ``configs/``), ``root`` at or
+under the config's ``search_root`` or ``$KD_STORAGE_ROOT``, ``run_id`` is one path
+segment. The ``kd teacher search`` CLI does not confine: its user runs the machine."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +26,78 @@ from airflow.sdk.exceptions import AirflowFailException
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = "configs/teacher_search.yaml"
+DEFAULT_CONFIG = "teacher_search.yaml"  # relative to the configs folder
 MAX_RUNGS = 4  # eta=2: enough for up to 8 candidates (8 -> 4 -> 2 -> 1)
 TRAIN_TIMEOUT = dt.timedelta(hours=2)
 
 
+def config_dir() -> Path:
+    """The folder params.config must lie in: ``$KD_CONFIG_DIR``, or the repo's configs/."""
+    return Path(os.environ.get("KD_CONFIG_DIR") or REPO_ROOT / "configs")
+
+
 def _config_path(value: str | None) -> str:
+    """params.config as a real path inside ``config_dir()`` (kdcore.errors.SpecError naming
+    ``params.config`` otherwise; nothing is read). Relative values are taken in the configs
+    folder; the repo-relative form ``configs/<file>`` (the CLI's) is accepted too."""
+    from kdcore.paths import confine_path
+
+    base = config_dir()
     path = Path(value or DEFAULT_CONFIG)
     if not path.is_absolute():
-        path = REPO_ROOT / path
-    return str(path.resolve())
+        path = REPO_ROOT / path if path.parts and path.parts[0] == "configs" else base / path
+    return str(confine_path(path, base, "params.config"))
+
+
+def allowed_roots(cfg: Any) -> list[str]:
+    """Where params.root may point: the (trusted) config's own search_root, and the
+    deployment's ``$KD_STORAGE_ROOT`` when set; any sub-root of these is fine."""
+    from kdcore.storage import fs as sfs
+
+    roots = [cfg.root]
+    if os.environ.get("KD_STORAGE_ROOT"):
+        roots.append(sfs.normalize(os.environ["KD_STORAGE_ROOT"]))
+    return roots
+
+
+def _root(value: str | None, cfg: Any, config: str) -> str | None:
+    """params.root confined to ``allowed_roots(cfg)``; relative to the config's folder
+    (as search_root in the file is). Returns the canonical URI, or None when not given."""
+    from kdcore.paths import confine_uri
+
+    if value is None:
+        return None
+    if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+        value = str(Path(config).parent / value)
+    return confine_uri(value, allowed_roots(cfg), "params.root")
 
 
 def run_id_for(param: str | None, dag_run_id: str) -> str:
-    """The search run id: params.run_id, or the DAG run id made path-safe."""
-    return param or re.sub(r"[^A-Za-z0-9_.-]+", "_", dag_run_id)[:80]
+    """The search run id: params.run_id, or the DAG run id made path-safe; refused
+    (SpecError naming ``params.run_id``) unless it is one safe path segment."""
+    from kdcore.paths import safe_name
+
+    if param:
+        return safe_name(param, "params.run_id")
+    return safe_name(re.sub(r"[^A-Za-z0-9_.-]+", "_", dag_run_id).lstrip(".-")[:80] or "run",
+                     "params.run_id (from the DAG run id)")
+
+
+def validate_params(params: Mapping[str, Any], dag_run_id: str) -> tuple[Any, str]:
+    """The validated search config and run id for a run's params. Every path-reaching
+    param is confined before it is used: params.config before the file is read (a
+    refused file is never opened, so no error quotes it), params.root against the
+    file's own roots. Raises kdcore.errors.KDError (SpecError) naming the param."""
+    from kdcore.search.config import load_search
+
+    config = _config_path(params.get("config"))
+    run_id = run_id_for(params.get("run_id"), dag_run_id)
+    root = _root(params.get("root"), load_search(config), config)
+    overrides = {"budget.seconds": params.get("budget_seconds"),
+                 "window.bootstrap_end": params.get("bootstrap_end"),
+                 "window.validation_days": params.get("validation_days"),
+                 "proxy_student": params.get("proxy_student"), "search_root": root}
+    return load_search(config, overrides), run_id
 
 
 @task(task_id="setup", retries=1, execution_timeout=dt.timedelta(minutes=30))
@@ -41,18 +105,13 @@ def setup(**context: Any) -> str:
     """Validate the search config with the run's params, bootstrap the shared proxy
     student and control; returns the run URI."""
     from kdcore.errors import KDError
-    from kdcore.search.config import load_search
     from kdcore.search.run import setup_run
 
-    p = context["params"]
-    overrides = {"budget.seconds": p.get("budget_seconds"), "window.bootstrap_end": p.get("bootstrap_end"),
-                 "window.validation_days": p.get("validation_days"), "proxy_student": p.get("proxy_student"),
-                 "search_root": p.get("root")}
     try:
-        cfg = load_search(_config_path(p.get("config")), overrides)
+        cfg, run_id = validate_params(context["params"], context["dag_run"].run_id)
     except KDError as e:
         raise AirflowFailException(str(e)) from None
-    out = setup_run(cfg, run_id_for(p.get("run_id"), context["dag_run"].run_id))
+    out = setup_run(cfg, run_id)
     log.info("search run %s (resumed: %s)", out["run"], out["resumed"])
     return out["run"]
 

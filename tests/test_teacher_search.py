@@ -306,7 +306,8 @@ def test_kd_teacher_search_dag_runs_on_small_data(ml_examples, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
                AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__UNIT_TEST_MODE="False",
-               PYTHONPATH=str(REPO), KD_STORAGE_ROOT=str(tmp_path / "must_not_be_used"))
+               PYTHONPATH=str(REPO), KD_STORAGE_ROOT=str(tmp_path / "must_not_be_used"),
+               KD_CONFIG_DIR=str(tmp_path))
     airflow = str(Path(sys.executable).parent / "airflow")
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     conf = {"config": str(cfg_path), "budget_seconds": 300, "validation_days": 4, "run_id": "dagrun"}

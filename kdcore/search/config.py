@@ -10,16 +10,17 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from kdcore.data.spec import DatasetSpec, load_spec
 from kdcore.distill.config import DistillConfig
 from kdcore.errors import SpecError
 from kdcore.models.ranker import RankerConfig
+from kdcore.paths import is_safe_name
 from kdcore.storage import fs as sfs
 from kdcore.yamlconf import Strict, load_yaml, validate
 
-CAND_ID = r"^[a-z][a-z0-9_]{0,30}$"
+CAND_ID = r"^[a-z][a-z0-9_]{0,30}$"  # a path segment (<run>/cand=<id>/): never '.', '..' or with '/'
 
 
 class Candidate(Strict):
@@ -27,6 +28,14 @@ class Candidate(Strict):
     model: RankerConfig = Field(description="the teacher's model (size, depth/width, embedding dim, epochs per day)")
     bootstrap_days: int = Field(30, ge=1, description="teacher training window: history days before the daily loop")
     bootstrap_epochs: int = Field(1, ge=1)
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        """Belt and braces behind CAND_ID: the id stays one safe path segment."""
+        if not is_safe_name(value):
+            raise ValueError(f"{value!r} is not a safe name: one path segment, not '.' or '..', no '/'")
+        return value
 
 
 class Grid(Strict):
@@ -160,7 +169,11 @@ def _finish(cfg: SearchConfig, base: Path, source: str) -> SearchConfig:
 
 def load_search(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
     """Load and validate; ``overrides`` (dotted keys such as ``budget.seconds``) win over
-    the file, and are validated with it."""
+    the file, and are validated with it.
+
+    ``path`` and ``overrides['search_root']`` are used as given: the ``kd`` CLI passes its
+    own arguments here unconfined (its user runs the machine). Values from Airflow params
+    must be confined first (kdcore.paths; operators.teacher_search.validate_params does)."""
     path = Path(path).resolve()
     if not overrides:
         return _finish(load_yaml(SearchConfig, path), path.parent, str(path))
