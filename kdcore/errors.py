@@ -25,3 +25,7 @@ class LineageError(KDError):
 
 class GateError(KDError):
     """The data-quality gate failed under a policy that stops the run."""
+
+
+class ConflictError(StorageError):
+    """Another writer committed different content to the same partition first."""

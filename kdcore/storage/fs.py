@@ -7,20 +7,29 @@ filesystem class directly, so a deployment moves to GCS by changing one config v
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import os
+import shutil
+from collections.abc import Callable
 from datetime import timedelta
 from functools import lru_cache
+from typing import BinaryIO
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from kdcore.errors import StorageError
+from kdcore.errors import ConflictError, StorageError
+from kdcore.storage import gcs
 
 
 def normalize(uri: str) -> str:
     """Canonical form: ``gs://b/p`` or ``file:///abs/path`` (no trailing slash)."""
     uri = str(uri)
     if uri.startswith("gs://"):
+        if ".." in uri[len("gs://"):].split("/"):
+            raise StorageError(f"storage URI '{uri}' has a '..' segment")
         return uri.rstrip("/")
     if uri.startswith("file://"):
         path = urlparse(uri).path
@@ -59,7 +68,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise StorageError(f"{uri}: cannot stat ({e})") from None
 
 
 def read_bytes(uri: str) -> bytes:
@@ -75,43 +87,172 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"{uri}: cannot read ({e})") from None
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Readers see the old object or the new one, never a partial one: local files are
-    written aside and renamed; a GCS object becomes visible only when its upload ends."""
-    fs, path = resolve(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.tmp-{os.getpid()}-{os.urandom(6).hex()}-{path.rsplit('/', 1)[1]}"
+def _os_error(uri: str, e: OSError) -> StorageError:
+    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
+              errno.EPERM: "operation not permitted"}.get(e.errno or 0, e.strerror or str(e))
+    return StorageError(f"{uri}: cannot write ({reason}); nothing was published")
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def _local_write(uri: str, path: str, fill: Callable[[BinaryIO], None]) -> None:
+    """Write beside the target and rename: readers see the old file or the new one. The
+    temporary file goes whatever happens (a full disk leaves nothing behind)."""
+    parent, name = path.rsplit("/", 1)
+    tmp = f"{parent}/{TMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}-{name}"
+    try:
+        os.makedirs(parent, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise _os_error(uri, e) from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Readers see the old object or the new one, never a partial one: local files are
+    written aside and renamed; a GCS object becomes visible only when its upload ends,
+    and is verified (exists, size and MD5) before this returns."""
+    uri = normalize(uri)
+    if uri.startswith("gs://"):
+        gcs.upload(uri, data)
+        return
+    _local_write(uri, urlparse(uri).path, lambda f: f.write(data))
+
+
+def upload_file_atomic(local_path: str, uri: str, size: int | None = None) -> None:
+    """Copy a local file to ``uri`` atomically and verify it landed whole."""
+    uri = normalize(uri)
+    size = os.path.getsize(local_path) if size is None else size
+    if uri.startswith("gs://"):
+        gcs.upload(uri, local_path)
+        return
+    path = urlparse(uri).path
+    _local_write(uri, path, lambda f: _copy(local_path, f))
+    if os.path.getsize(path) != size:
+        raise StorageError(f"{uri}: wrote {os.path.getsize(path)} bytes, expected {size}")
+
+
+def _copy(src: str, dst: BinaryIO) -> None:
+    with open(src, "rb") as f:
+        shutil.copyfileobj(f, dst, 1 << 20)
+
+
+def store(uri: str, src: bytes | str, sha256: str) -> bool:
+    """Put content-addressed bytes (or a local file, given its path) at ``uri`` unless an
+    intact copy is already there; True when it wrote. An existing copy is trusted only
+    after its size and checksum are checked (GCS: the stored MD5; local: a re-hash), so
+    re-publishing repairs a corrupted file instead of keeping it."""
+    uri = normalize(uri)
+    size = os.path.getsize(src) if isinstance(src, str) else len(src)
+    if uri.startswith("gs://"):
+        st = gcs.stat(uri)
+        if st is not None and st.size == size and st.md5 == _digest(src, "md5"):
+            return False
     else:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        path = urlparse(uri).path
+        try:
+            intact = os.path.getsize(path) == size and _digest(path, "sha256") == sha256
+        except FileNotFoundError:
+            intact = False
+        except OSError as e:
+            raise StorageError(f"{uri}: cannot read ({e})") from None
+        if intact:
+            return False
+    if isinstance(src, str):
+        upload_file_atomic(src, uri, size)
+    else:
+        write_bytes_atomic(uri, src)
+    return True
 
 
-def upload_file_atomic(local_path: str, uri: str) -> None:
-    fs, path = resolve(uri)
+def _digest(src: bytes | str, algo: str) -> str:
+    h = hashlib.new(algo)
+    if isinstance(src, bytes):
+        h.update(src)
+        return h.hexdigest()
+    with open(src, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def generation(uri: str) -> str | None:
+    """An opaque version of the object at ``uri`` (None when absent): the GCS generation,
+    or inode and mtime on local disk (every atomic rename makes a new inode)."""
+    uri = normalize(uri)
+    if uri.startswith("gs://"):
+        st = gcs.stat(uri)
+        return st.generation if st else None
+    try:
+        st = os.stat(urlparse(uri).path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StorageError(f"{uri}: cannot stat ({e})") from None
+    return f"{st.st_ino}.{st.st_mtime_ns}"
+
+
+def write_if_generation(uri: str, data: bytes, expected: str | None) -> None:
+    """Replace the object only if it is still at generation ``expected`` (None: only if
+    it does not exist); otherwise raise ConflictError. GCS checks the precondition
+    itself; on local disk the check and the rename happen under an exclusive lock on the
+    parent directory, which every committer takes."""
+    uri = normalize(uri)
+    if uri.startswith("gs://"):
+        gcs.upload(uri, data, if_generation_match=int(expected) if expected is not None else 0)
+        return
+    path = urlparse(uri).path
     parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{parent}/.tmp-{os.getpid()}-{os.urandom(6).hex()}"
-        pafs.copy_files(local_path, tmp, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
-        os.replace(tmp, path)
-    else:
-        pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd = os.open(parent, os.O_RDONLY)
+    except OSError as e:
+        raise _os_error(uri, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        found = generation(uri)
+        if found != expected:
+            raise ConflictError(f"{uri}: changed by another writer (expected "
+                                f"{'no object' if expected is None else 'generation ' + expected}, "
+                                f"found {'no object' if found is None else 'generation ' + found})")
+        _local_write(uri, path, lambda f: f.write(data))
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def list_files(uri: str) -> list[str]:
+    return [rel for rel, _ in list_file_ages(uri)]
+
+
+def list_file_ages(uri: str) -> list[tuple[str, float]]:
+    """(path relative to ``uri``, seconds since last modified) of every file below it."""
+    import time
+
     fs, path = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    except OSError as e:
+        raise StorageError(f"{uri}: cannot list ({e})") from None
     base = path.rstrip("/") + "/"
-    return sorted(i.path[len(base):] for i in infos if i.type == pafs.FileType.File)
+    now = time.time()
+    return sorted((i.path[len(base):], now - i.mtime.timestamp() if i.mtime else float("inf"))
+                  for i in infos if i.type == pafs.FileType.File)
 
 
 def delete(uri: str) -> None:

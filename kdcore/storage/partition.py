@@ -17,10 +17,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from kdcore.errors import StorageError
+from kdcore.errors import ConflictError, StorageError
 from kdcore.storage import fs as sfs
 from kdcore.storage.manifest import MANIFEST_NAME, FileEntry, Manifest, encode_schema
 
@@ -55,13 +54,85 @@ def is_published(uri: str) -> bool:
     return sfs.exists(manifest_uri(uri))
 
 
-def commit_manifest(uri: str, manifest: Manifest) -> bool:
-    """Write the manifest unless an identical one is there. True when it changed."""
+def manifest_digest(manifest: Manifest) -> str:
+    """The content key of a partition: its manifest lists every file's checksum, so two
+    partitions with the same digest hold the same bytes. Outputs record the digests of
+    their inputs and are recomputed when one changes."""
+    return hashlib.sha256(manifest.to_bytes()).hexdigest()
+
+
+def manifest_generation(uri: str) -> str | None:
+    """The version of the partition's manifest now (None: unpublished). A writer reads it
+    before it starts and commits only if it is unchanged."""
+    return sfs.generation(manifest_uri(uri))
+
+
+def commit_manifest(uri: str, manifest: Manifest, expected: str | None | bool = True) -> bool:
+    """Publish ``manifest``; True when the visible partition changed.
+
+    An identical manifest already there is a no-op (a re-run, or a concurrent writer of
+    the same content). Otherwise the manifest must still be at generation ``expected``,
+    read when the writer started (``True``: read it now, for callers with nothing to
+    protect): a writer of different content that committed in between wins, and this one
+    gets a ConflictError instead of silently overwriting it."""
     data = manifest.to_bytes()
     muri = manifest_uri(uri)
-    if sfs.exists(muri) and sfs.read_bytes(muri) == data:
+    if expected is True:
+        expected = sfs.generation(muri)
+    found = sfs.generation(muri)
+    if found is not None and _same(muri, data):
         return False
-    sfs.write_bytes_atomic(muri, data)
+    if found != expected:
+        raise ConflictError(f"{uri}: another writer published different content while this one ran "
+                            f"(manifest generation {expected} -> {found}); re-run to build on it")
+    try:
+        sfs.write_if_generation(muri, data, expected)
+    except ConflictError:
+        if _same(muri, data):  # a retried request whose first attempt had succeeded, or a twin writer
+            return False
+        raise
+    return True
+
+
+def _same(muri: str, data: bytes) -> bool:
+    try:
+        return sfs.read_bytes(muri) == data
+    except StorageError:
+        return False
+
+
+SPOOL_PREFIX = "kd-publish-"
+
+
+def _spool_dir() -> str:
+    return tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
+
+
+def sweep_spools() -> list[str]:
+    """Remove local spool folders of writers that died (SIGKILL skips every cleanup);
+    a folder's owner is the pid in its name."""
+    removed = []
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if not name.startswith(SPOOL_PREFIX):
+            continue
+        try:
+            pid = int(name[len(SPOOL_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+            removed.append(os.path.join(base, name))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True
 
 
@@ -77,7 +148,8 @@ class PartitionWriter:
         self.schema = schema
         self.metadata = dict(metadata or {})
         self.max_rows_per_file = max_rows_per_file
-        self._tmp = tempfile.mkdtemp(prefix="kd-publish-")
+        self._base = manifest_generation(self.uri)  # what this writer builds on
+        self._tmp = _spool_dir()
         self._entries: list[FileEntry] = []
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
@@ -98,9 +170,7 @@ class PartitionWriter:
         name = f"part-{len(self._entries):05d}"
         stored = f"{name}-{sha[:16]}.parquet"
         size = os.path.getsize(local)
-        target = sfs.join(self.uri, stored)
-        if not sfs.exists(target):
-            sfs.upload_file_atomic(local, target)
+        sfs.store(sfs.join(self.uri, stored), local, sha)
         os.remove(local)
         self._entries.append(FileEntry(name=name, path=stored, bytes=size, sha256=sha,
                                        rows=self._rows_in_file))
@@ -136,7 +206,7 @@ class PartitionWriter:
                 kind="parquet", files=self._entries, rows=sum(e.rows or 0 for e in self._entries),
                 bytes=sum(e.bytes for e in self._entries), schema_b64=encode_schema(self.schema),
                 metadata=self.metadata)
-            self.changed = commit_manifest(self.uri, manifest)
+            self.changed = commit_manifest(self.uri, manifest, self._base)
         finally:
             self.abort()  # the local spool goes even when an upload or the commit fails
         return manifest
@@ -179,6 +249,7 @@ def publish_blobs(uri: str, blobs: Mapping[str, bytes], metadata: Mapping[str, A
     kept and the whole set goes into a content-addressed folder instead, so relative links
     between the files (an HTML site) keep working."""
     uri = sfs.normalize(uri)
+    base = manifest_generation(uri)
     entries = []
     digests = {name: hashlib.sha256(blobs[name]).hexdigest() for name in sorted(blobs)}
     folder = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
@@ -189,37 +260,60 @@ def publish_blobs(uri: str, blobs: Mapping[str, bytes], metadata: Mapping[str, A
         else:
             stem, dot, ext = name.rpartition(".")
             stored = f"{stem}-{sha[:16]}.{ext}" if dot else f"{name}-{sha[:16]}"
-        target = sfs.join(uri, stored)
-        if not sfs.exists(target):
-            sfs.write_bytes_atomic(target, data)
+        sfs.store(sfs.join(uri, stored), data, sha)
         entries.append(FileEntry(name=name, path=stored, bytes=len(data), sha256=sha))
     manifest = Manifest(kind="blobs", files=entries, bytes=sum(e.bytes for e in entries),
                         metadata=dict(metadata or {}))
-    commit_manifest(uri, manifest)
+    commit_manifest(uri, manifest, base)
     return manifest
 
 
 def read_blob(uri: str, name: str, manifest: Manifest | None = None) -> bytes:
+    uri = sfs.normalize(uri)
     manifest = manifest or read_manifest(uri)
     try:
         entry = manifest.file(name)
     except KeyError:
         raise StorageError(f"{uri}: partition has no file '{name}'") from None
-    data = sfs.read_bytes(sfs.join(uri, entry.path))
-    if hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise StorageError(f"{sfs.join(uri, entry.path)}: checksum does not match the manifest")
-    return data
+    return _verified(uri, entry).to_pybytes()
 
 
-def _dataset(uri: str, manifest: Manifest) -> ds.Dataset:
-    fs, path = sfs.resolve(uri)
-    paths = [f"{path}/{e.path}" for e in manifest.files]
-    return ds.dataset(paths, schema=manifest.schema, format="parquet", filesystem=fs)
+def _verified(uri: str, entry: FileEntry, verify: bool = True) -> pa.Buffer:
+    """A stored file's bytes, checked against the manifest: a missing, truncated or
+    bit-flipped file is an error naming it, never data handed to a reader."""
+    file_uri = sfs.join(uri, entry.path)
+    fs, path = sfs.resolve(file_uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            buf = pa.py_buffer(f.read())
+    except (FileNotFoundError, OSError) as e:
+        if isinstance(e, FileNotFoundError) or "not found" in str(e).lower() or "no such file" in str(e).lower():
+            raise StorageError(f"{file_uri}: listed in {manifest_uri(uri)} but missing; "
+                               f"re-publish the partition (re-run its task with force)") from None
+        raise StorageError(f"{file_uri}: cannot read ({e})") from None
+    if verify and (buf.size != entry.bytes or hashlib.sha256(buf).hexdigest() != entry.sha256):
+        raise StorageError(f"{file_uri}: corrupt ({buf.size} bytes, checksum does not match "
+                           f"{manifest_uri(uri)}); re-publish the partition (re-run its task with force) to repair it")
+    return buf
+
+
+def _parquet(uri: str, manifest: Manifest, entry: FileEntry, verify: bool) -> pq.ParquetFile:
+    file_uri = sfs.join(uri, entry.path)
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(_verified(uri, entry, verify)))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StorageError(f"{file_uri}: not a readable Parquet file ({e})") from None
+    if manifest.schema is not None and pf.schema_arrow.names != manifest.schema.names:
+        raise StorageError(f"{file_uri}: columns {pf.schema_arrow.names} differ from {manifest_uri(uri)}")
+    if entry.rows is not None and pf.metadata.num_rows != entry.rows:
+        raise StorageError(f"{file_uri}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
+    return pf
 
 
 def iter_batches(uri: str, columns: list[str] | None = None, batch_size: int = 262_144,
-                 manifest: Manifest | None = None) -> Iterator[pa.RecordBatch]:
-    """Stream a published partition in manifest order (deterministic).
+                 manifest: Manifest | None = None, verify: bool = True) -> Iterator[pa.RecordBatch]:
+    """Stream a published partition in manifest order (deterministic), one verified
+    file in memory at a time.
 
     The manifest is read and the columns are checked when this is called (not at the first
     ``next()``): a missing partition or column fails at the call site, and the iterator is
@@ -227,18 +321,49 @@ def iter_batches(uri: str, columns: list[str] | None = None, batch_size: int = 2
     uri = sfs.normalize(uri)
     manifest = manifest or read_manifest(uri)
     _check_columns(uri, manifest, columns)
-    return _dataset(uri, manifest).to_batches(columns=columns, batch_size=batch_size,
-                                              use_threads=False)
+
+    target = _projected(manifest, columns)
+
+    def gen() -> Iterator[pa.RecordBatch]:
+        for entry in manifest.files:
+            pf = _parquet(uri, manifest, entry, verify)
+            for batch in pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=False):
+                yield _conform(batch, target, uri, entry)
+
+    return gen()
 
 
-def read_table(uri: str, columns: list[str] | None = None, manifest: Manifest | None = None) -> pa.Table:
+def read_table(uri: str, columns: list[str] | None = None, manifest: Manifest | None = None,
+               verify: bool = True) -> pa.Table:
     uri = sfs.normalize(uri)
     manifest = manifest or read_manifest(uri)
     _check_columns(uri, manifest, columns)
-    table = _dataset(uri, manifest).to_table(columns=columns, use_threads=False)
+    schema = _projected(manifest, columns)
+    tables = [_conform(_parquet(uri, manifest, e, verify).read(columns=columns, use_threads=False), schema, uri, e)
+              for e in manifest.files]
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     if table.num_rows != manifest.rows:
         raise StorageError(f"{uri}: read {table.num_rows} rows, manifest says {manifest.rows}")
     return table
+
+
+def _projected(manifest: Manifest, columns: list[str] | None) -> pa.Schema | None:
+    schema = manifest.schema
+    if schema is not None and columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    return schema
+
+
+def _conform(data: Any, schema: pa.Schema | None, uri: str, entry: FileEntry) -> Any:
+    """Give read data the partition's schema: Parquet has no second-resolution timestamps,
+    so a timestamp[s] column comes back as [ms] and is cast back (losslessly)."""
+    if schema is None or data.schema.equals(schema, check_metadata=False):
+        return data
+    try:
+        return data.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise StorageError(f"{sfs.join(uri, entry.path)}: data does not fit the schema of "
+                           f"{manifest_uri(uri)} ({e})") from None
 
 
 def _check_columns(uri: str, manifest: Manifest, columns: list[str] | None) -> None:
@@ -260,14 +385,37 @@ def list_partitions(uri: str, key: str = "date") -> list[str]:
     return sorted(out)
 
 
-def vacuum(uri: str) -> list[str]:
-    """Delete files the manifest does not list (left by killed or superseded writers).
-    Only safe when no reader still holds an older manifest."""
-    manifest = read_manifest(uri)
-    keep = {e.path for e in manifest.files} | {MANIFEST_NAME}
+def vacuum(uri: str, older_than: float = 0.0) -> list[str]:
+    """Delete what no manifest under ``uri`` lists and return it (relative paths):
+    files superseded by a re-publish, files of writers killed before their commit, and
+    ``.tmp-*`` files of interrupted writes, in any sub-folder (shards, kept-name folders);
+    plus the local spool folders of dead writers. Files outside any ``key=value``
+    partition folder that no manifest covers (search results, notes) are not ours and
+    stay. Only files older than ``older_than`` seconds go, so a writer still uploading
+    keeps its files; a reader that holds a manifest older than that may lose them."""
+    uri = sfs.normalize(uri)
+    files = sfs.list_file_ages(uri)
+    keep: set[str] = set()
+    published: set[str] = set()
+    for rel, _ in files:
+        if rel == MANIFEST_NAME or rel.endswith("/" + MANIFEST_NAME):
+            folder = rel[:-len(MANIFEST_NAME)]
+            published.add(folder)
+            keep.add(rel)
+            try:
+                keep.update(folder + e.path for e in read_manifest(sfs.join(uri, folder)).files)
+            except StorageError:  # unreadable manifest: touch nothing under it
+                keep.update(r for r, _ in files if r.startswith(folder))
     removed = []
-    for rel in sfs.list_files(uri):
-        if "/" not in rel and rel not in keep:
+    for rel, age in files:
+        if rel in keep or age < older_than:
+            continue
+        parts = rel.split("/")
+        parents = ["/".join(parts[:i]) + ("/" if i else "") for i in range(len(parts))]
+        ours = (parts[-1].startswith(sfs.TMP_PREFIX) or any(p in published for p in parents)
+                or any("=" in seg for seg in parts[:-1]))
+        if ours:
             sfs.delete(sfs.join(uri, rel))
             removed.append(rel)
+    sweep_spools()
     return removed
