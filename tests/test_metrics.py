@@ -125,3 +125,257 @@ def test_task_metrics_keys():
     assert reg["label_mean"] == pytest.approx(probs.mean())
     with pytest.raises(ValueError, match="unknown task kind"):
         task_metrics("ranking", labels, probs)  # type: ignore[arg-type]
+
+
+# --- Undefined (NaN/inf) and invalid input ---------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+BINARY_PROB_METRICS = [log_loss, normalized_entropy, calibration]
+
+
+def _gauc_2(labels, scores):
+    """gauc with two groups of two rows each (both groups would qualify)."""
+    return gauc(labels, scores, [0, 0, 1, 1])
+
+
+BINARY_METRICS = [auc, _gauc_2, *BINARY_PROB_METRICS]
+
+
+def test_auc_nan_scores_are_nan_not_perfect():
+    # The reviewer's example: NaN sorted above every score used to give 1.0.
+    assert math.isnan(auc([0, 0, 1, 1], [0.9, 0.8, NAN, NAN]))
+    assert math.isnan(auc([0, 0, 1, 1], [NAN, NAN, 0.2, 0.1]))
+    assert math.isnan(auc([0, 1, 0, 1], [0.1, 0.9, 0.2, NAN]))
+
+
+@pytest.mark.parametrize("labels", [[0, 1], [1, 0], [0, 0, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0]])
+def test_all_nan_scores_are_nan_in_any_row_order(labels):
+    scores = [NAN] * len(labels)
+    assert math.isnan(auc(labels, scores))
+    assert math.isnan(gauc(labels, scores, [0] * len(labels)))
+
+
+@pytest.mark.parametrize("bad", [INF, -INF])
+def test_infinite_scores_are_nan(bad):
+    assert math.isnan(auc([0, 1, 0, 1], [0.1, 0.9, 0.2, bad]))
+    assert math.isnan(gauc([0, 1, 0, 1], [0.1, 0.9, 0.2, bad], [0, 0, 1, 1]))
+
+
+@pytest.mark.parametrize("metric", BINARY_METRICS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_non_finite_label_is_nan(metric, bad):
+    # A NaN label used to count as a negative (NaN > 0.5 is False), giving a number.
+    assert math.isnan(metric([0, 1, 0, bad], [0.2, 0.8, 0.3, 0.4]))
+    assert math.isnan(metric(np.array([0, 1, 1, bad], np.float32), [0.2, 0.8, 0.3, 0.4]))
+
+
+@pytest.mark.parametrize("metric", BINARY_METRICS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_non_finite_prob_or_score_is_nan(metric, bad):
+    assert math.isnan(metric([0, 1, 0, 1], [0.2, 0.8, 0.3, bad]))
+    assert math.isnan(metric([0, 1, 0, 1], np.array([0.2, 0.8, bad, 0.4], np.float32)))
+
+
+def test_gauc_nan_in_one_group_is_not_dropped():
+    labels = [0, 1, 0, 1, 0, 1]
+    groups = [0, 0, 1, 1, 2, 2]
+    assert gauc(labels, [0.1, 0.9, 0.2, 0.8, 0.3, 0.7], groups) == pytest.approx(1.0)
+    # Without the NaN row's group, the other two groups would still give 1.0.
+    assert math.isnan(gauc(labels, [0.1, 0.9, 0.2, 0.8, 0.3, NAN], groups))
+    assert math.isnan(gauc([0, 1, 0, 1, 0, NAN], [0.1, 0.9, 0.2, 0.8, 0.3, 0.7], groups))
+    # A NaN label in an otherwise single-class group still poisons the result.
+    assert math.isnan(gauc([0, 1, 0, 1, 0, 0, NAN], [0.1, 0.9, 0.2, 0.8, 0.3, 0.3, 0.4],
+                           [0, 0, 1, 1, 2, 2, 2]))
+
+
+def test_gauc_nan_group_id_is_nan():
+    labels, scores = [0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]
+    assert gauc(labels, scores, [0.0, 0.0, 1.0, 1.0]) == pytest.approx(1.0)
+    assert math.isnan(gauc(labels, scores, [0.0, 0.0, NAN, NAN]))
+
+
+def test_nan_beyond_first_rows_and_in_large_input_is_found():
+    labels, scores, probs, groups = _binary_data(3)
+    scores, probs = scores.astype(np.float64), probs.copy()
+    scores[-1] = NAN
+    probs[len(probs) // 2] = NAN
+    assert math.isnan(auc(labels, scores))
+    assert math.isnan(gauc(labels, scores, groups))
+    for metric in BINARY_PROB_METRICS:
+        assert math.isnan(metric(labels, probs))
+
+
+@pytest.mark.parametrize("metric", BINARY_METRICS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bad", [2, -1, 0.5, 0.3])
+def test_label_outside_0_1_raises(metric, bad):
+    with pytest.raises(ValueError, match=rf"labels must be 0 or 1.*got 1 of 4 other value\(s\), e\.g\. {bad}"):
+        metric([0, 1, bad, 0], [0.2, 0.8, 0.3, 0.4])
+
+
+def test_label_error_counts_and_lists_offending_values():
+    with pytest.raises(ValueError, match=r"labels.*got 3 of 5 .*e\.g\. 2, 3"):
+        auc([0, 1, 2, 3, 2], [0.1, 0.2, 0.3, 0.4, 0.5])
+
+
+def test_invalid_label_raises_even_with_nan_present():
+    # An invalid value is a bug and must not be masked by an undefined (NaN) result.
+    with pytest.raises(ValueError, match="labels"):
+        auc([0, 1, NAN, 2], [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match="probs"):
+        log_loss([0, 1, NAN, 1], [0.1, 0.2, 0.3, 1.5])
+
+
+@pytest.mark.parametrize("metric", BINARY_PROB_METRICS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bad", [1.5, -0.1, 2.0, -3.0, 1.0 + 1e-5])
+def test_probability_outside_0_1_raises(metric, bad):
+    with pytest.raises(ValueError, match=r"probs must be probabilities in \[0, 1\].*got 1 of 4 value"):
+        metric([0, 1, 0, 1], [0.2, 0.8, bad, 0.4])
+
+
+def test_probability_error_reports_range():
+    with pytest.raises(ValueError, match=r"probs.*got 2 of 3 value\(s\) outside, from -0\.1 to 1\.5"):
+        log_loss([0, 1, 1], [-0.1, 0.5, 1.5])
+
+
+def test_auc_and_gauc_accept_arbitrary_scores():
+    labels, _, _, groups = _binary_data(5)
+    logits = np.random.default_rng(5).normal(scale=4.0, size=len(labels))
+    sig = 1.0 / (1.0 + np.exp(-logits))
+    assert logits.min() < 0 and logits.max() > 1
+    assert auc(labels, logits) == pytest.approx(auc(labels, sig), abs=1e-12)
+    assert auc(labels, logits) == pytest.approx(roc_auc_score(labels, logits), abs=1e-12)
+    assert gauc(labels, logits, groups) == pytest.approx(gauc(labels, sig, groups), abs=1e-12)
+
+
+def test_float32_rounding_above_one_is_tolerated_and_clipped():
+    above = np.nextafter(np.float32(1), np.float32(2))  # 1.0000001
+    below = -np.float32(1e-7)
+    probs = np.array([0.2, above, below, 0.7], np.float32)
+    clipped = np.array([0.2, 1.0, 0.0, 0.7], np.float32)
+    labels = [0, 1, 0, 1]
+    assert above > 1 and below < 0
+    for metric in BINARY_PROB_METRICS:
+        assert metric(labels, probs) == metric(labels, clipped)
+    assert calibration(labels, probs) == pytest.approx(np.mean(clipped, dtype=np.float64) / 0.5, rel=1e-12)
+    got = task_metrics("binary", labels, probs, [0, 0, 1, 1])
+    want = task_metrics("binary", labels, clipped, [0, 0, 1, 1])
+    assert got == pytest.approx(want, rel=1e-12)
+    # Just past the tolerance is an error, not rounding.
+    with pytest.raises(ValueError, match="probs"):
+        log_loss(labels, [0.2, 1.0 + 2e-6, 0.3, 0.7])
+
+
+def test_extreme_but_valid_probabilities_are_finite():
+    # A sigmoid in float32 saturates to exactly 0 and 1; those are valid probabilities.
+    labels = [0, 1, 1, 0]
+    probs = np.array([0.0, 1.0, 0.0, 1.0], np.float32)
+    assert math.isfinite(log_loss(labels, probs))
+    assert log_loss(labels, probs) == pytest.approx(-math.log(1e-7) / 2, rel=1e-6)
+    assert calibration(labels, probs) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("fn", [rmse, mae], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_regression_non_finite_is_nan(fn, bad):
+    assert math.isfinite(fn([1.0, 2.0, 3.0], [1.5, 2.0, 2.0]))
+    assert math.isnan(fn([1.0, 2.0, 3.0], [1.5, bad, 2.0]))
+    assert math.isnan(fn([1.0, bad, 3.0], [1.5, 2.0, 2.0]))
+    # Both inf used to give inf - inf = NaN for one sign and inf for another: now always NaN.
+    assert math.isnan(fn([bad, 2.0], [bad, 2.0]))
+
+
+def test_empty_input_is_nan_everywhere():
+    for metric in [auc, log_loss, normalized_entropy, calibration, rmse, mae]:
+        assert math.isnan(metric([], [])), metric.__name__
+    assert math.isnan(gauc([], [], []))
+    binary = task_metrics("binary", [], [], [])
+    assert binary["n"] == 0
+    assert all(math.isnan(v) for k, v in binary.items() if k != "n")
+    reg = task_metrics("regression", [], [])
+    assert all(math.isnan(v) for k, v in reg.items() if k != "n")
+
+
+def test_single_class_stays_nan_with_valid_probs():
+    assert math.isnan(auc([0, 0, 0], [0.1, 0.5, 0.9]))
+    assert math.isnan(gauc([1, 1, 1], [0.1, 0.5, 0.9], [0, 1, 1]))
+    assert math.isnan(normalized_entropy([1, 1, 1], [0.1, 0.5, 0.9]))
+    assert math.isnan(calibration([0, 0, 0], [0.1, 0.5, 0.9]))
+    # All positives: calibration is defined (mean prediction / 1).
+    assert calibration([1, 1], [0.2, 0.4]) == pytest.approx(0.3)
+    # Single class does not excuse invalid input.
+    with pytest.raises(ValueError, match="probs"):
+        normalized_entropy([1, 1, 1], [0.1, 0.5, 1.5])
+    with pytest.raises(ValueError, match="labels"):
+        auc([2, 2], [0.1, 0.2])
+
+
+def test_mismatched_lengths_raise_for_every_metric():
+    for metric in [auc, log_loss, normalized_entropy, calibration, rmse, mae]:
+        with pytest.raises(ValueError, match="same length"):
+            # Single-class labels used to let normalized_entropy return NaN unchecked.
+            metric([0, 0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="same length"):
+        gauc([0, 1], [0.1, 0.2], [0])
+    with pytest.raises(ValueError, match="same length"):
+        task_metrics("binary", [0, 1], [0.1, 0.2], [0, 1, 2])
+
+
+def test_task_metrics_binary_non_finite_makes_all_metrics_nan():
+    labels, _, probs, groups = _binary_data(1)
+    probs = probs.astype(np.float32)
+    probs[10] = NAN
+    got = task_metrics("binary", labels, probs, groups)
+    for key in ["auc", "gauc", "logloss", "ne", "calibration", "pred_mean"]:
+        assert math.isnan(got[key]), key
+    assert got["label_mean"] == pytest.approx(labels.mean())
+    assert got["n"] == len(labels)
+    y = labels.astype(np.float32)
+    y[3] = NAN
+    got = task_metrics("binary", y, np.clip(probs, 0, 1)[~np.isnan(probs)].tolist() + [0.5], groups)
+    for key in ["auc", "gauc", "logloss", "ne", "calibration", "label_mean"]:
+        assert math.isnan(got[key]), key
+    assert math.isfinite(got["pred_mean"])
+
+
+def test_task_metrics_binary_validates_labels_and_preds():
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        task_metrics("binary", [0, 1, 2], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="preds must be probabilities"):
+        task_metrics("binary", [0, 1, 1], [0.1, 0.2, 1.5])
+    with pytest.raises(ValueError, match="unknown task kind"):
+        task_metrics("ranking", [0, 1], [0.1])  # type: ignore[arg-type]
+
+
+def test_task_metrics_regression_non_finite():
+    got = task_metrics("regression", [1.0, 2.0, 3.0], [1.0, INF, 2.0])
+    assert math.isnan(got["rmse"]) and math.isnan(got["mae"]) and math.isnan(got["pred_mean"])
+    assert got["label_mean"] == pytest.approx(2.0)
+    # Regression labels are not restricted to {0, 1}, nor preds to [0, 1].
+    got = task_metrics("regression", [5.0, -2.0], [4.0, -1.0])
+    assert got["rmse"] == pytest.approx(1.0) and got["mae"] == pytest.approx(1.0)
+
+
+def test_task_metrics_matches_single_metrics_on_caller_dtypes():
+    # training.loop.evaluate passes float32 hard labels and float32 sigmoid outputs, which
+    # saturate to exactly 0.0 / 1.0; the runner passes float32 teacher labels.
+    labels, _, _, groups = _binary_data(2)
+    logits = np.random.default_rng(2).normal(scale=12.0, size=len(labels)).astype(np.float32)
+    probs = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    probs[:3] = 0.0  # as torch.sigmoid gives for logits below about -104
+    assert probs.max() == 1.0 and probs.min() == 0.0
+    y = labels.astype(np.float32)
+    got = task_metrics("binary", y, probs, groups)
+    assert got["auc"] == auc(labels, probs)
+    assert got["gauc"] == gauc(labels, probs, groups)
+    assert got["logloss"] == log_loss(labels, probs)
+    assert got["ne"] == normalized_entropy(labels, probs)
+    assert got["calibration"] == calibration(labels, probs)
+    assert got["auc"] == pytest.approx(roc_auc_score(labels, probs.astype(np.float64)), abs=1e-12)
+    assert got["logloss"] == pytest.approx(
+        sk_log_loss(labels, np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)), rel=1e-10)
+
+
+def test_bool_and_int8_labels_are_accepted():
+    labels, scores, probs, _ = _binary_data(4)
+    assert auc(labels.astype(bool), scores) == auc(labels.astype(np.int8), scores) == auc(labels, scores)
+    assert log_loss(labels.astype(bool), probs) == pytest.approx(log_loss(labels, probs), rel=1e-15)
