@@ -59,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KDError as e:
         print(f"kd: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the last line of defence: still one line naming the file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"kd: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 def default_root() -> str:

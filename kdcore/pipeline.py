@@ -56,8 +56,13 @@ def train_students(cfg: PipelineConfig, day: dt.date, labels: str | None, action
 def run_day(cfg: PipelineConfig, day: dt.date, stages: Iterable[str] = STAGES,
             students: Iterable[str] | None = None, teacher_version: str | None = None,
             force: bool = False) -> dict[str, Any]:
+    from kdcore.data.validate import ensure_valid
+
     stages = set(stages)
     out: dict[str, Any] = {"date": day.isoformat()}
+    # A day that breaks the data contract stops here, before the teacher trains on it: the
+    # stale-teacher fallback below is for a failed refresh, never for bad data.
+    out["examples"] = ensure_valid(cfg.root, cfg.spec, day)
     if "teacher" in stages and not teacher_version:
         try:
             out["teacher"] = refresh_teacher(cfg, day, force)

@@ -18,6 +18,7 @@ from kdcore.labels import materialize as mat
 from kdcore.labels.join import join_labels, read_labels
 from kdcore.labels.store import labels_uri, list_label_versions, shard_uri
 from kdcore.models import registry
+from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 from kdcore.training import steps
 from kdcore.training.data import load_days
@@ -86,7 +87,10 @@ def test_label_manifest_metadata(kd: KD):
     assert m.metadata["kind"] == "teacher_labels"
     assert m.metadata["date"] == D.isoformat()
     assert m.metadata["teacher_version"] == teacher.version
-    assert m.metadata["teacher_uri"] == teacher.uri
+    # relative to the storage root: the root can be moved and the labels stay the same bytes
+    assert sfs.join(sfs.normalize(cfg.root), m.metadata["teacher_path"]) == teacher.uri
+    assert "://" not in m.to_bytes().decode()  # nothing absolute: a moved root keeps its labels
+    assert m.metadata["teacher_stale"] is True and m.metadata["expected_staleness_days"] == 1
     assert m.metadata["teacher_trained_through"] == B.isoformat()
     assert m.metadata["staleness_days"] == (D - B).days == out["staleness_days"]
     assert m.metadata["shards"] == cfg.labels.shards
@@ -155,7 +159,8 @@ def test_commit_refuses_missing_shard_and_row_mismatch(kd: KD):
 
     # Shard 1 published with too few rows (a truncated writer): the commit counts rows.
     shard0, _ = read_labels(shard_uri(cfg.root, DS, B, teacher, 0, 3), cfg.spec)
-    part.publish_table(shard_uri(cfg.root, DS, B, teacher, 1, 3), shard0.slice(0, 5))
+    shard0_meta = part.read_manifest(shard_uri(cfg.root, DS, B, teacher, 0, 3)).metadata
+    part.publish_table(shard_uri(cfg.root, DS, B, teacher, 1, 3), shard0.slice(0, 5), shard0_meta)
     with pytest.raises(StorageError, match=r"rows across 3 shards; the day has \d+ examples"):
         mat.commit(cfg, B, teacher, 3)
     assert not part.is_published(labels_uri(cfg.root, DS, B, teacher))

@@ -16,6 +16,7 @@ from kdcore.labels import materialize as mat
 from kdcore.models import registry
 from kdcore.models.checkpoint import model_to_bytes
 from kdcore.models.ranker import MultiTaskRanker
+from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 from kdcore.training import steps
 from kdcore.training.data import load_days
@@ -181,7 +182,8 @@ def test_students_in_every_mode_record_kd_metadata(kd: KD):
         assert m["kd_applied"] is True and m["gate_action"] == "distill"
         assert m["teacher_version"] == teacher_b
         assert m["label_staleness_days"] == 1
-        assert m["labels_uri"] == labels and m["labels_missing"] == 0
+        assert sfs.join(sfs.normalize(cfg.root), m["labels_path"]) == sfs.normalize(labels)
+        assert m["labels_missing"] == 0 and m["label_teacher_stale"] is False
     assert metas["student_aux"]["aux_heads"] is True
     assert metas["student_direct"]["aux_heads"] is False
 

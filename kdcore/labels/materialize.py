@@ -17,7 +17,8 @@ import pyarrow as pa
 from kdcore.config import PipelineConfig
 from kdcore.data import examples
 from kdcore.data.spec import DatasetSpec
-from kdcore.errors import LineageError, StorageError
+from kdcore.data.validate import ensure_valid
+from kdcore.errors import DataError, LineageError, StorageError
 from kdcore.labels.store import labels_uri, shard_dir, shard_uri
 from kdcore.models import registry
 from kdcore.models.features import FeatureSet, encode_features
@@ -65,6 +66,7 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
         raise ValueError(f"--shard {shard}/{shards}: shard index must be in [0, {shards})")
     set_determinism(cfg.torch_threads)
     spec = cfg.spec
+    ensure_valid(cfg.root, spec, day)  # a day that fails the contract gets no labels
     teacher = choose_teacher(cfg, day, teacher_version)
     model = teacher.load(spec)
     ex_uri = examples.examples_uri(cfg.root, spec.name, day)
@@ -88,18 +90,28 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
             # same batch shapes, so labels are bitwise identical whatever the shard count.
             preds = clip_to_range(predict(model, encode_features(batch, spec, model.config.hash_buckets,
                                                                   FeatureSet.of(spec, model.config.features))), spec)
+            _check_finite(preds, teacher.version, day)
             s, n = max(lo - b_lo, 0), min(hi, b_hi) - max(lo, b_lo)
             batch, preds = batch.slice(s, n), {k: v[s:s + n] for k, v in preds.items()}
             yield pa.record_batch([batch.column(spec.example_id),
                                    *[pa.array(preds[t.name].astype(np.float32)) for t in spec.tasks]],
                                   schema=schema)
 
-    meta = label_metadata(teacher, day, spec.name)
+    meta = label_metadata(cfg, teacher, day, part.manifest_digest(manifest))
     m = part.publish_batches(uri, schema, batches(), {**meta, "shard": shard, "shards": shards})
     if m.rows != hi - lo:
         raise StorageError(f"{uri}: wrote {m.rows} label rows, expected {hi - lo}")
     return {"uri": uri, "rows": m.rows, "teacher_version": teacher.version,
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _check_finite(preds: dict[str, np.ndarray], version: str, day: dt.date) -> None:
+    """A diverged teacher must not publish NaN labels that every student then trains on."""
+    for task, p in preds.items():
+        bad = int(np.count_nonzero(~np.isfinite(p)))
+        if bad:
+            raise DataError(f"teacher {version} predicts {bad} non-finite value(s) for task '{task}' on {day}; "
+                            f"labels not published (the teacher diverged: check its training data and learning rate)")
 
 
 def clip_to_range(preds: dict[str, np.ndarray], spec: DatasetSpec) -> dict[str, np.ndarray]:
@@ -112,11 +124,21 @@ def clip_to_range(preds: dict[str, np.ndarray], spec: DatasetSpec) -> dict[str, 
     return out
 
 
-def label_metadata(teacher: registry.Checkpoint, day: dt.date, dataset: str) -> dict[str, Any]:
-    return {"kind": "teacher_labels", "dataset": dataset, "date": day.isoformat(),
-            "teacher_version": teacher.version, "teacher_uri": teacher.uri,
+def label_metadata(cfg: PipelineConfig, teacher: registry.Checkpoint, day: dt.date,
+                   examples_digest: str) -> dict[str, Any]:
+    """What the labels are a function of, with paths relative to the storage root (a root
+    can be moved or copied, and the same labels are the same bytes under any root).
+
+    ``teacher_stale`` makes a fallback visible downstream: the labels come from a teacher
+    older than the label policy asks for (its refresh failed or was skipped, or a version
+    was pinned), so the gate, the asset event and the report can say so."""
+    staleness = (day - teacher.trained_through).days
+    return {"kind": "teacher_labels", "dataset": cfg.spec.name, "date": day.isoformat(),
+            "teacher_version": teacher.version,
+            "teacher_path": registry.checkpoint_path(cfg.spec.name, teacher.meta["name"], teacher.trained_through),
             "teacher_trained_through": teacher.trained_through.isoformat(),
-            "staleness_days": (day - teacher.trained_through).days}
+            "staleness_days": staleness, "expected_staleness_days": cfg.policies.label_lag_days,
+            "teacher_stale": staleness > cfg.policies.label_lag_days, "examples_sha256": examples_digest}
 
 
 def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int) -> dict[str, Any]:
@@ -126,39 +148,51 @@ def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int)
     teacher = registry.find_version(cfg.root, spec.name, cfg.teacher.name, teacher_version)
     files: list[FileEntry] = []
     schema_b64 = None
+    ex = part.read_manifest(examples.examples_uri(cfg.root, spec.name, day))
+    digest = part.manifest_digest(ex)
+    uri = labels_uri(cfg.root, spec.name, day, teacher_version)
+    base = part.manifest_generation(uri)
     for i in range(shards):
         suri = shard_uri(cfg.root, spec.name, day, teacher_version, i, shards)
         try:
             m = part.read_manifest(suri)
         except StorageError:
             raise StorageError(f"cannot commit labels for {day}: shard {i}/{shards} is not published ({suri})") from None
+        if m.metadata.get("examples_sha256") != digest:
+            raise StorageError(f"cannot commit labels for {day}: shard {i}/{shards} ({suri}) was computed from "
+                               f"other examples than the ones published now; re-run the shard")
         schema_b64 = m.schema_b64
         files += [e.model_copy(update={"name": f"shard{i:03d}-{e.name}", "path": f"{shard_dir(i, shards)}/{e.path}"})
                   for e in m.files]
     rows = sum(e.rows or 0 for e in files)
-    expected = part.read_manifest(examples.examples_uri(cfg.root, spec.name, day)).rows
-    if rows != expected:
-        raise StorageError(f"labels for {day} have {rows} rows across {shards} shards; the day has {expected} examples")
-    uri = labels_uri(cfg.root, spec.name, day, teacher_version)
+    if rows != ex.rows:
+        raise StorageError(f"labels for {day} have {rows} rows across {shards} shards; the day has {ex.rows} examples")
     manifest = Manifest(kind="parquet", files=files, rows=rows, bytes=sum(e.bytes for e in files),
-                        schema_b64=schema_b64, metadata={**label_metadata(teacher, day, spec.name), "shards": shards})
-    changed = part.commit_manifest(uri, manifest)
+                        schema_b64=schema_b64,
+                        metadata={**label_metadata(cfg, teacher, day, digest), "shards": shards})
+    changed = part.commit_manifest(uri, manifest, base)
     return {"uri": uri, "rows": rows, "teacher_version": teacher_version, "changed": changed,
-            "staleness_days": manifest.metadata["staleness_days"], "bytes": manifest.bytes}
+            "staleness_days": manifest.metadata["staleness_days"],
+            "teacher_stale": manifest.metadata["teacher_stale"], "bytes": manifest.bytes}
 
 
 def materialize(cfg: PipelineConfig, day: dt.date, teacher_version: str | None = None,
                 shards: int | None = None, force: bool = False) -> dict[str, Any]:
     """All shards in this process, then commit (the command line's default). Labels
-    already committed for this teacher and date are reused: inference is deterministic,
-    so recomputing them would only cost time (``force`` recomputes and re-verifies)."""
+    already committed for this teacher and date are reused when they were computed from
+    the examples published now (inference is deterministic, so recomputing them would
+    only cost time); re-published examples are labelled again. ``force`` recomputes."""
     shards = shards or cfg.labels.shards
+    ensure_valid(cfg.root, cfg.spec, day)
     version = choose_teacher(cfg, day, teacher_version).version
     uri = labels_uri(cfg.root, cfg.spec.name, day, version)
     if not force and part.is_published(uri):
         m = part.read_manifest(uri)
-        return {"uri": uri, "rows": m.rows, "teacher_version": version, "changed": False, "reused": True,
-                "staleness_days": m.metadata.get("staleness_days"), "bytes": m.bytes}
+        current = part.manifest_digest(part.read_manifest(examples.examples_uri(cfg.root, cfg.spec.name, day)))
+        if m.metadata.get("examples_sha256") == current:  # same teacher, same examples: same labels
+            return {"uri": uri, "rows": m.rows, "teacher_version": version, "changed": False, "reused": True,
+                    "staleness_days": m.metadata.get("staleness_days"),
+                    "teacher_stale": m.metadata.get("teacher_stale"), "bytes": m.bytes}
     for i in range(shards):
         materialize_shard(cfg, day, i, shards, version)
     return commit(cfg, day, version, shards)

@@ -36,8 +36,13 @@ def model_root(root: str, dataset: str, name: str) -> str:
     return sfs.join(sfs.normalize(root), "models", dataset, name)
 
 
+def checkpoint_path(dataset: str, name: str, day: dt.date | str) -> str:
+    """Where a checkpoint lives relative to the storage root (what metadata records)."""
+    return f"models/{dataset}/{name}/date={parse_date(day).isoformat()}"
+
+
 def checkpoint_uri(root: str, dataset: str, name: str, day: dt.date | str) -> str:
-    return sfs.join(model_root(root, dataset, name), f"date={parse_date(day).isoformat()}")
+    return sfs.join(sfs.normalize(root), checkpoint_path(dataset, name, day))
 
 
 def list_checkpoints(root: str, dataset: str, name: str) -> list[dt.date]:

@@ -10,6 +10,7 @@ whose checkpoint already descends from the same parent with the same config is a
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from typing import Any, Literal
 
@@ -17,12 +18,14 @@ import numpy as np
 import torch
 
 from kdcore.config import PipelineConfig, StudentConfig
+from kdcore.data.validate import ensure_valid
 from kdcore.distill.adapter import fit_adapters
 from kdcore.distill.config import DistillConfig
 from kdcore.errors import StorageError
 from kdcore.labels.join import load_joined
 from kdcore.models import registry
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
+from kdcore.storage import partition as part
 from kdcore.training.data import DayData, load_days
 from kdcore.training.loop import NO_KD, evaluate, fit, model_features, new_model, predict, set_determinism
 
@@ -112,10 +115,12 @@ def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict
     """Refresh the teacher: progressive evaluation of the teacher through D-1 on D, then
     train it on D. A failure raises, so the last good teacher stays in use."""
     set_determinism(cfg.torch_threads)
+    checked = ensure_valid(cfg.root, cfg.spec, day)  # before anything trains on the day
     t = cfg.teacher
     parent = registry.parent_for(cfg.root, cfg.spec.name, t.name, day)
     registry.check_parent(parent, day)
-    fp = {"model": t.model.model_dump(mode="json")}
+    # keyed on its inputs: re-published examples retrain the day (and, by lineage, the days after)
+    fp = {"model": t.model.model_dump(mode="json"), "examples": checked["examples_sha256"]}
     if not force and (ckpt := _existing(cfg, t.name, day, parent, fp)):
         return _summary(ckpt)
     data = load_days(cfg.root, cfg.spec, [day])
@@ -131,6 +136,7 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
     role = "control" if name in cfg.controls() else "student"
     if action == "skip_students":
         return {"name": name, "skipped": True, "reason": "gate: skip_students", "trained_through": None}
+    checked = ensure_valid(cfg.root, cfg.spec, day)
     parent = registry.parent_for(cfg.root, cfg.spec.name, name, day)
     registry.check_parent(parent, day)
     use_kd = s.distill.uses_teacher and action == "distill"
@@ -138,7 +144,10 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
         raise StorageError(f"student '{name}' distills but no teacher labels were given for {day}")
     fp = {"model": s.model.model_dump(mode="json"), "distill": s.distill.model_dump(mode="json"),
           # relative to the root, so a copied or moved root still recognises its checkpoints
-          "labels": _relative(cfg, labels_uri) if use_kd else None, "action": action}
+          "labels": _relative(cfg, labels_uri) if use_kd else None, "action": action,
+          # keyed on the content of its inputs: changed examples or labels retrain the day
+          "examples": checked["examples_sha256"],
+          "labels_sha256": part.manifest_digest(part.read_manifest(labels_uri)) if use_kd and labels_uri else None}
     if not force and (ckpt := _existing(cfg, name, day, parent, fp)):
         return _summary(ckpt)
     data = load_days(cfg.root, cfg.spec, [day])
@@ -153,7 +162,8 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
         soft = fit_adapters(joined.soft, data.hard, list(cfg.spec.tasks), s.distill.adapter, seed=s.model.seed)
         extra.update(teacher_version=joined.metadata.get("teacher_version"),
                      label_staleness_days=joined.metadata.get("staleness_days"),
-                     labels_uri=labels_uri, labels_missing=joined.missing)
+                     label_teacher_stale=joined.metadata.get("teacher_stale"),
+                     labels_path=_relative(cfg, labels_uri), labels_missing=joined.missing)
     return _train_and_publish(cfg, name, role, s.model, aux_tasks(cfg, s.distill), day, data, parent, distill,
                               soft, extra, fp)
 
@@ -178,11 +188,13 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
     window = avail[-n:]
     if not window:
         raise StorageError(f"no example partitions on or before {through} to bootstrap from")
+    inputs = hashlib.sha256("".join(ensure_valid(cfg.root, cfg.spec, d)["examples_sha256"]
+                                    for d in window).encode()).hexdigest()
     data = load_days(cfg.root, cfg.spec, window)
     span = [window[0].isoformat(), window[-1].isoformat()]
     extra = {"bootstrap": {"from": span[0], "to": span[1], "days": len(window)}}
     t = cfg.teacher
-    fp_t = {"model": t.model.model_dump(mode="json"), "bootstrap": span}
+    fp_t = {"model": t.model.model_dump(mode="json"), "bootstrap": span, "examples": inputs}
     out: dict[str, Any] = {}
     teacher = _existing(cfg, t.name, through, None, fp_t)
     if teacher is not None:
@@ -197,7 +209,8 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
             continue
         role = "control" if s.name in cfg.controls() else "student"
         fp = {"model": s.model.model_dump(mode="json"), "distill": s.distill.model_dump(mode="json"),
-              "bootstrap": span, "teacher": teacher.version if s.distill.uses_teacher else None}
+              "bootstrap": span, "examples": inputs,
+              "teacher": teacher.version if s.distill.uses_teacher else None}
         if (ckpt := _existing(cfg, s.name, through, None, fp)):
             out[s.name] = _summary(ckpt)
             continue

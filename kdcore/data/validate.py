@@ -1,0 +1,131 @@
+"""The boundary check of a day's examples, run before anything trains on or labels them.
+
+A day that breaks the contract (labels out of range or missing, non-finite features,
+duplicate ids, an empty day, a column whose type changed since the day before) would
+otherwise poison the teacher first and every student after it, because the teacher
+refresh runs before the quality gate. So every step that reads a day calls
+``ensure_valid`` first, and a failing day stops with a DataError that names the file,
+the column and an offending example; nothing is published for it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kdcore.data import examples
+from kdcore.data.spec import DatasetSpec
+from kdcore.errors import DataError, StorageError
+from kdcore.storage import partition as part
+
+_VALID: dict[tuple[str, str], dict[str, Any]] = {}  # (uri, manifest digest) -> summary
+
+
+def ensure_valid(root: str, spec: DatasetSpec, day: dt.date) -> dict[str, Any]:
+    """Validate ``day`` once per published version (cached in this process by the
+    manifest digest, so a re-published day is checked again)."""
+    uri = examples.examples_uri(root, spec.name, day)
+    try:
+        manifest = part.read_manifest(uri)
+    except StorageError:
+        raise StorageError(f"no examples published for {day} ({uri}); publish the day first") from None
+    key = (uri, part.manifest_digest(manifest))
+    if key not in _VALID:
+        _VALID[key] = validate_day(root, spec, day, manifest)
+    return _VALID[key]
+
+
+def validate_day(root: str, spec: DatasetSpec, day: dt.date, manifest: part.Manifest | None = None,
+                 batch_size: int = 262_144) -> dict[str, Any]:
+    uri = examples.examples_uri(root, spec.name, day)
+    manifest = manifest or part.read_manifest(uri)
+    if not manifest.rows:
+        raise DataError(f"{uri}: the day has no rows; nothing can train on it")
+    schema = manifest.schema
+    assert schema is not None
+    examples.check_schema(schema, spec, uri)
+    _same_types_as_before(root, spec, day, schema, uri)
+    ids: list[pa.Array] = []
+    checked = 0
+    for batch in part.iter_batches(uri, columns=spec.required_columns, batch_size=batch_size, manifest=manifest):
+        ids.append(batch.column(spec.example_id))
+        for task in spec.tasks:
+            _check_label(batch, spec, task, uri)
+        for col in spec.numeric:
+            _check_numeric(batch, spec, col, uri)
+        _check_nulls(batch, spec, spec.timestamp, uri, "a timestamp")
+        checked += batch.num_rows
+    all_ids = pa.concat_arrays(ids)
+    if all_ids.null_count:
+        raise DataError(f"{uri}: column '{spec.example_id}' has {all_ids.null_count} null id(s)")
+    dupes = len(all_ids) - pc.count_distinct(all_ids).as_py()
+    if dupes:
+        raise DataError(f"{uri}: column '{spec.example_id}' has {dupes} duplicate id(s)")
+    return {"uri": uri, "date": day.isoformat(), "rows": checked, "examples_sha256": part.manifest_digest(manifest)}
+
+
+def _example(batch: pa.RecordBatch, spec: DatasetSpec, mask: np.ndarray) -> str:
+    i = int(np.flatnonzero(mask)[0])
+    return f"e.g. {spec.example_id}={batch.column(spec.example_id)[i].as_py()!r}"
+
+
+def _check_nulls(batch: pa.RecordBatch, spec: DatasetSpec, col: str, uri: str, what: str) -> None:
+    arr = batch.column(col)
+    if arr.null_count:
+        mask = np.asarray(arr.is_null().to_numpy(zero_copy_only=False))
+        raise DataError(f"{uri}: column '{col}' has null value(s) where {what} is required "
+                        f"({_example(batch, spec, mask)})")
+
+
+def _values(arr: pa.Array) -> np.ndarray:
+    return np.asarray(arr.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False))
+
+
+def _check_label(batch: pa.RecordBatch, spec: DatasetSpec, task: Any, uri: str) -> None:
+    col = task.label_column
+    _check_nulls(batch, spec, col, uri, f"the label of task '{task.name}'")
+    v = _values(batch.column(col))
+    if task.kind == "binary":
+        bad = ~((v == 0) | (v == 1))
+        rule = "0 or 1"
+    else:
+        lo = -np.inf if task.min is None else task.min
+        hi = np.inf if task.max is None else task.max
+        bad = ~(np.isfinite(v) & (v >= lo) & (v <= hi))
+        rule = f"finite and within [{task.min}, {task.max}]"
+    if bad.any():
+        raise DataError(f"{uri}: column '{col}' (label of task '{task.name}') has {int(bad.sum())} value(s) "
+                        f"that are not {rule}, e.g. {v[bad][0]!r} ({_example(batch, spec, bad)})")
+
+
+def _check_numeric(batch: pa.RecordBatch, spec: DatasetSpec, col: str, uri: str) -> None:
+    arr = batch.column(col)
+    if spec.null_policy(col) == "error":
+        _check_nulls(batch, spec, col, uri, "a value (nulls: error)")
+    v = _values(arr)
+    bad = np.isinf(v)
+    if bad.any():
+        raise DataError(f"{uri}: column '{col}' has {int(bad.sum())} infinite value(s) "
+                        f"({_example(batch, spec, bad)}); features must be finite or null")
+    if spec.null_policy(col) == "error" and np.isnan(v).any():
+        raise DataError(f"{uri}: column '{col}' has NaN value(s) and its null policy is 'error' "
+                        f"({_example(batch, spec, np.isnan(v))})")
+
+
+def _same_types_as_before(root: str, spec: DatasetSpec, day: dt.date, schema: pa.Schema, uri: str) -> None:
+    """A column that changes type between days breaks every multi-day window (bootstrap,
+    the gate's reference profile) far from its cause: refuse it here, naming both days."""
+    before = [d for d in examples.list_days(root, spec.name) if d < day]
+    if not before:
+        return
+    prev_uri = examples.examples_uri(root, spec.name, before[-1])
+    prev = part.read_manifest(prev_uri).schema
+    assert prev is not None
+    for col in spec.required_columns:
+        if col in prev.names and prev.field(col).type != schema.field(col).type:
+            raise DataError(f"{uri}: column '{col}' is {schema.field(col).type} on {day} but "
+                            f"{prev.field(col).type} on {before[-1]} ({prev_uri}); a day must keep the "
+                            f"schema of the days before it: re-publish it with the same types")
