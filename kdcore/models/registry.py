@@ -75,14 +75,15 @@ class Checkpoint:
 
     def load(self, spec: DatasetSpec) -> MultiTaskRanker:
         data = part.read_blob(self.uri, WEIGHTS)
-        cfg = RankerConfig.model_validate(self.meta["model"])
-        cols = FeatureSet.of(spec, cfg.features)
-        aux = self.meta.get("aux_tasks")
         try:
+            cfg = RankerConfig.model_validate(self.meta["model"])
+            cols = FeatureSet.of(spec, cfg.features)
+            aux = self.meta.get("aux_tasks")
             return model_from_bytes(data, cfg, len(cols.categorical), len(cols.numeric), list(spec.tasks),
                                     aux_heads=aux if aux is not None else bool(self.meta.get("aux_heads")))
-        except ValueError as e:
-            raise StorageError(f"{self.uri}: {e}") from None
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # another architecture or dataset
+            raise StorageError(f"{self.uri}: checkpoint does not fit dataset '{spec.name}' and its "
+                               f"recorded model config ({type(e).__name__}: {e})") from None
 
     def load_optimizer(self, model: MultiTaskRanker) -> torch.optim.Optimizer:
         """The optimizer as the parent left it; a fresh one for checkpoints that hold no
@@ -98,7 +99,12 @@ class Checkpoint:
 
 
 def read_checkpoint(uri: str) -> Checkpoint:
-    meta = json.loads(part.read_blob(uri, META))
+    try:
+        meta = json.loads(part.read_blob(uri, META))
+    except ValueError as e:
+        raise StorageError(f"{sfs.join(uri, META)}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "version" not in meta or "trained_through" not in meta:
+        raise StorageError(f"{sfs.join(uri, META)}: not a checkpoint meta (no version / trained_through)")
     return Checkpoint(uri=sfs.normalize(uri), meta=meta)
 
 

@@ -168,7 +168,7 @@ def store(uri: str, src: bytes | str, sha256: str) -> bool:
         path = urlparse(uri).path
         try:
             intact = os.path.getsize(path) == size and _digest(path, "sha256") == sha256
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             intact = False
         except OSError as e:
             raise StorageError(f"{uri}: cannot read ({e})") from None
@@ -201,7 +201,7 @@ def generation(uri: str) -> str | None:
         return st.generation if st else None
     try:
         st = os.stat(urlparse(uri).path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
         raise StorageError(f"{uri}: cannot stat ({e})") from None

@@ -149,7 +149,11 @@ class PartitionWriter:
         self.metadata = dict(metadata or {})
         self.max_rows_per_file = max_rows_per_file
         self._base = manifest_generation(self.uri)  # what this writer builds on
-        self._tmp = _spool_dir()
+        try:
+            self._tmp = _spool_dir()
+        except OSError as e:
+            raise StorageError(f"{self.uri}: cannot create a local spool folder in {tempfile.gettempdir()} "
+                               f"({e}); set TMPDIR to a writable disk") from None
         self._entries: list[FileEntry] = []
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
@@ -176,6 +180,14 @@ class PartitionWriter:
                                        rows=self._rows_in_file))
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        try:
+            self._write(batch)
+        except OSError as e:  # the local spool: a full or unwritable temp disk
+            self.abort()
+            raise StorageError(f"{self.uri}: cannot spool the partition in {self._tmp} ({e}); "
+                               f"nothing was published") from None
+
+    def _write(self, batch: pa.RecordBatch | pa.Table) -> None:
         if not batch.schema.equals(self.schema):
             try:
                 batch = batch.select(self.schema.names).cast(self.schema)
@@ -199,9 +211,13 @@ class PartitionWriter:
     def close(self) -> Manifest:
         try:
             if self._writer is not None or not self._entries:
-                if self._writer is None:
-                    self._open()  # an empty partition still gets one (empty) file with the schema
-                self._finish_file()
+                try:
+                    if self._writer is None:
+                        self._open()  # an empty partition still gets one (empty) file with the schema
+                    self._finish_file()
+                except OSError as e:
+                    raise StorageError(f"{self.uri}: cannot spool the partition in {self._tmp} ({e}); "
+                                       f"nothing was published") from None
             manifest = Manifest(
                 kind="parquet", files=self._entries, rows=sum(e.rows or 0 for e in self._entries),
                 bytes=sum(e.bytes for e in self._entries), schema_b64=encode_schema(self.schema),
@@ -385,7 +401,7 @@ def list_partitions(uri: str, key: str = "date") -> list[str]:
     return sorted(out)
 
 
-def vacuum(uri: str, older_than: float = 0.0) -> list[str]:
+def vacuum(uri: str, older_than: float = 0.0, dry_run: bool = False) -> list[str]:
     """Delete what no manifest under ``uri`` lists and return it (relative paths):
     files superseded by a re-publish, files of writers killed before their commit, and
     ``.tmp-*`` files of interrupted writes, in any sub-folder (shards, kept-name folders);
@@ -415,7 +431,9 @@ def vacuum(uri: str, older_than: float = 0.0) -> list[str]:
         ours = (parts[-1].startswith(sfs.TMP_PREFIX) or any(p in published for p in parents)
                 or any("=" in seg for seg in parts[:-1]))
         if ours:
-            sfs.delete(sfs.join(uri, rel))
+            if not dry_run:
+                sfs.delete(sfs.join(uri, rel))
             removed.append(rel)
-    sweep_spools()
+    if not dry_run:
+        sweep_spools()
     return removed
