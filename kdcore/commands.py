@@ -53,6 +53,23 @@ def data_synth(args: argparse.Namespace) -> int:
     print(json.dumps({"dataset": "synth", "days": (end - start).days + 1, "rows": total}))
     return 0
 
+
+@command("data", "ingest", help="publish a CSV or Parquet source (a file or a folder, local or gs://) "
+         "as daily example partitions through a dataset spec")
+@arg("--spec", required=True, help="dataset spec YAML (columns, and how time and date are stored)")
+@arg("--source", required=True, help="a .csv/.parquet file or a folder of them: local path or gs://bucket/prefix")
+@arg("--root", required=True, help="storage root URI")
+@arg("--format", default=None, help="csv or parquet (default: from the file extensions)")
+@arg("--from", dest="start", default=None, help="first date to publish (YYYY-MM-DD; default: all)")
+@arg("--to", dest="end", default=None, help="last date to publish (YYYY-MM-DD; default: all)")
+def data_ingest(args: argparse.Namespace) -> int:
+    from kdcore.data.ingest import ingest
+    from kdcore.data.spec import load_spec
+
+    print(json.dumps(ingest(load_spec(args.spec), args.source, args.root, args.format, args.start, args.end)))
+    return 0
+
+
 def _cfg(args: argparse.Namespace):
     from kdcore.config import load_pipeline
 
@@ -61,8 +78,12 @@ def _cfg(args: argparse.Namespace):
 
 def _day(value: str):
     from kdcore.data.examples import parse_date
+    from kdcore.errors import KDError
 
-    return parse_date(value)
+    try:
+        return parse_date(value)
+    except KDError as e:  # argparse then names the flag and exits 2 with the usage line
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _print(obj) -> None:
@@ -242,3 +263,17 @@ def experiments_cmd(args: argparse.Namespace) -> int:
                       "wall_seconds": round(res["wall_seconds"], 1),
                       "shared_labels_identical": res["datasets"].get("movielens", {}).get("shared", {}).get("identical")}))
     return 0 if res["datasets"].get("movielens", {}).get("shared", {}).get("identical", True) else 1
+
+
+@command("vacuum", help="delete what no manifest lists: superseded files, files of killed writers, "
+         "temp files, dead local spools")
+@arg("--root", required=True, help="storage root URI (or any folder under it)")
+@arg("--older-than", type=float, default=3600.0,
+     help="only files older than this many seconds (default 3600: writers still uploading keep theirs)")
+@arg("--dry-run", action="store_true", help="list what would go, delete nothing")
+def vacuum_cmd(args: argparse.Namespace) -> int:
+    from kdcore.storage.partition import vacuum
+
+    removed = vacuum(args.root, older_than=args.older_than, dry_run=args.dry_run)
+    print(json.dumps({"root": args.root, "removed" if not args.dry_run else "would_remove": removed}, indent=1))
+    return 0

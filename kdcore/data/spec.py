@@ -7,13 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from kdcore.yamlconf import Strict, load_yaml
 
 TaskKind = Literal["binary", "regression"]
 TargetTransform = Literal["log1p", "standardize"]
 NullPolicy = Literal["mean", "zero", "error"]
+# How a source stores a point in time: integer epoch seconds / ms / us / ns, or ISO-8601 text
+# ("2024-05-01T12:30:00Z"; no offset means UTC).
+TimeUnit = Literal["s", "ms", "us", "ns", "iso"]
+# A declared date field may also be a calendar date (an Arrow date, or text "YYYY-MM-DD",
+# taken as is). `iso` accepts an Arrow timestamp too, in both.
+DateUnit = Literal["s", "ms", "us", "ns", "iso", "date"]
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 
 class Task(Strict):
@@ -48,10 +55,30 @@ class Task(Strict):
         return self.column or self.name
 
 
+class DateField(Strict):
+    """Where `kd data ingest` reads the partition date of each row, when it is not the
+    UTC date of the timestamp column (the default)."""
+
+    column: str = Field(min_length=1, description="source column holding the date (read, not published)")
+    unit: DateUnit = Field("date", description=(
+        "date: an Arrow date or 'YYYY-MM-DD' text, taken as is; s/ms/us/ns: integer epoch; "
+        "iso: ISO-8601 text or an Arrow timestamp. All but `date` give the UTC date"))
+
+
 class DatasetSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN, description=(
+        "dataset name, one folder under examples/, labels/ and quality/: letters, digits, "
+        "'_', '.', '-', not starting with '.' or '-'"))
+    # Required in a spec YAML (see load_spec); the defaults serve specs built in code.
     example_id: str = "example_id"
     timestamp: str = "timestamp"
+    timestamp_unit: TimeUnit | None = Field(None, description=(
+        "how the source stores `timestamp` when it is not already an Arrow timestamp "
+        "(ingest converts it to timestamp[unit, UTC]; iso gives timestamp[ns, UTC]); a CSV "
+        "source without it is read as ISO-8601 text"))
+    date: DateField | None = Field(None, description=(
+        "ingest only: the column giving each row's partition date; default: the UTC date "
+        "of `timestamp`"))
     group: str = Field(description="column grouping examples for per-user metrics (GAUC)")
     categorical: list[str] = Field(default_factory=list)
     numeric: list[str] = Field(default_factory=list)
@@ -62,6 +89,24 @@ class DatasetSpec(Strict):
     nulls: dict[str, NullPolicy] = Field(default_factory=dict, description=(
         "per numeric feature: mean (impute the normalizer's mean, the default), zero (the raw "
         "value 0) or error (a null is a data error naming the column)"))
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, name: str) -> str:
+        if name.startswith((".", "-")):
+            raise ValueError(f"dataset name '{name}' must not start with '.' or '-' ('.' and '..' "
+                             f"would make examples, labels and quality share one folder)")
+        return name
+
+    @field_validator("date")
+    @classmethod
+    def _date_is_another_column(cls, date: DateField | None, info: ValidationInfo) -> DateField | None:
+        ts = info.data.get("timestamp")
+        if date is not None and date.column == ts:
+            raise ValueError(f"column '{ts}' is the timestamp column, whose UTC date is already the "
+                             f"default partition date: remove `date` and declare how '{ts}' is stored "
+                             f"with `timestamp_unit`")
+        return date
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> DatasetSpec:
@@ -122,5 +167,25 @@ class DatasetSpec(Strict):
         raise KeyError(f"dataset '{self.name}' has no task '{name}'")
 
 
+class _SpecFile(DatasetSpec):
+    """A spec as written in YAML: the id and time columns must be named, never defaulted
+    (a stream whose time column is silently "timestamp" would fail far from its cause)."""
+
+    example_id: str = Field(None, validate_default=True)
+    timestamp: str = Field(None, validate_default=True)
+
+    @field_validator("example_id", "timestamp", mode="before")
+    @classmethod
+    def _named(cls, value: object, info: ValidationInfo) -> object:
+        if value is None:
+            what = {"example_id": "the unique id of each example",
+                    "timestamp": "the time of each example"}[info.field_name]
+            raise ValueError(f"required key '{info.field_name}' is missing: name the column holding "
+                             f"{what}, e.g. `{info.field_name}: {info.field_name}`")
+        return value
+
+
 def load_spec(path: str | Path) -> DatasetSpec:
-    return load_yaml(DatasetSpec, path)
+    """Load a spec YAML; errors name the file and the field (a missing key included)."""
+    spec = load_yaml(_SpecFile, path)
+    return DatasetSpec.model_validate({k: getattr(spec, k) for k in DatasetSpec.model_fields})
