@@ -91,8 +91,9 @@ def run(cfg: PipelineConfig, start: dt.date, end: dt.date, progress: bool = True
     days = [d for d in list_days(cfg.root, cfg.spec.name) if start <= d <= end]
     if not days:
         raise KDError(f"no example partitions between {start} and {end}")
-    it = days
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(days, desc="kd run", unit="day")
-    return [run_day(cfg, d, **kwargs) for d in it]
+    if not progress:
+        return [run_day(cfg, d, **kwargs) for d in days]
+    from tqdm import tqdm
+
+    with tqdm(days, desc="kd run", unit="day") as bar:  # closed (own line) before an error is printed
+        return [run_day(cfg, d, **kwargs) for d in bar]

@@ -28,10 +28,9 @@ def ensure_valid(root: str, spec: DatasetSpec, day: dt.date) -> dict[str, Any]:
     """Validate ``day`` once per published version (cached in this process by the
     manifest digest, so a re-published day is checked again)."""
     uri = examples.examples_uri(root, spec.name, day)
-    try:
-        manifest = part.read_manifest(uri)
-    except StorageError:
-        raise StorageError(f"no examples published for {day} ({uri}); publish the day first") from None
+    if not part.is_published(uri):
+        raise StorageError(f"no examples published for {day} ({uri}); publish the day first")
+    manifest = part.read_manifest(uri)  # a corrupt manifest is its own error
     key = (uri, part.manifest_digest(manifest))
     if key not in _VALID:
         _VALID[key] = validate_day(root, spec, day, manifest)
@@ -98,7 +97,7 @@ def _check_label(batch: pa.RecordBatch, spec: DatasetSpec, task: Any, uri: str) 
         rule = f"finite and within [{task.min}, {task.max}]"
     if bad.any():
         raise DataError(f"{uri}: column '{col}' (label of task '{task.name}') has {int(bad.sum())} value(s) "
-                        f"that are not {rule}, e.g. {v[bad][0]!r} ({_example(batch, spec, bad)})")
+                        f"that are not {rule}, e.g. {float(v[bad][0])!r} ({_example(batch, spec, bad)})")
 
 
 def _check_numeric(batch: pa.RecordBatch, spec: DatasetSpec, col: str, uri: str) -> None:
