@@ -90,6 +90,22 @@ def resolve_date(param_date: str | None, run_type: str | None, interval_start: A
         raise AirflowFailException(f"params.date must be YYYY-MM-DD, got {param_date!r}") from None
 
 
+def fallback_message(day: dt.date, version: str, trained_through: dt.date, staleness: int, expected: int,
+                     pinned: bool) -> str:
+    """The WARNING choose_teacher logs when D's labels come from a stale teacher."""
+    why = "the teacher version is pinned" if pinned else "refresh_teacher failed or was skipped"
+    return (f"FALLBACK: labels for {day} come from stale teacher {version} (trained through {trained_through}): "
+            f"{staleness} day(s) stale, the label policy expects {expected} ({why})")
+
+
+def labels_event_extra(date: str, out: dict[str, Any]) -> dict[str, Any]:
+    """The labels asset event's extra, from ``materialize.commit``'s result: where the
+    labels are and which teacher made them, fallback (``teacher_stale``) included, so a
+    consumer scheduled on the asset can tell stale labels apart."""
+    return {"date": date, "uri": out["uri"], "rows": out["rows"], "teacher_version": out["teacher_version"],
+            "staleness_days": out.get("staleness_days"), "teacher_stale": out.get("teacher_stale")}
+
+
 def _cfg(plan: dict[str, Any]):
     from kdcore.config import load_pipeline
 
@@ -158,7 +174,23 @@ def wait_for_examples(plan: dict[str, Any]) -> PokeReturnValue:
     uri = examples_uri(plan["root"], plan["dataset"], plan["date"])
     done = is_published(uri)
     log.info("%s published: %s", uri, done)
+    if done:  # the boundary: a day that breaks the data contract stops the run before any training
+        _validate(plan)
     return PokeReturnValue(is_done=done, xcom_value=uri if done else None)
+
+
+def _validate(plan: dict[str, Any]) -> None:
+    """Check D's examples against the dataset contract; a failing day fails the task at
+    once (no retry can fix data) with the error naming the file, column and an example."""
+    from kdcore.data.validate import ensure_valid
+    from kdcore.errors import DataError
+
+    cfg = _cfg(plan)
+    try:
+        out = ensure_valid(cfg.root, cfg.spec, _day(plan))
+    except DataError as e:
+        raise AirflowFailException(f"examples of {plan['date']} fail validation, nothing trains on them: {e}") from None
+    log.info("examples of %s valid: %d rows (examples %s)", plan["date"], out["rows"], out["examples_sha256"][:12])
 
 
 @task(task_id="refresh_teacher", pool=POOL, outlets=[TEACHER_ASSET],
@@ -196,14 +228,15 @@ def choose_teacher(plan: dict[str, Any]) -> list[dict[str, Any]]:
     cfg, day = _cfg(plan), _day(plan)
     if not is_published(examples_uri(cfg.root, cfg.spec.name, day)):
         raise AirflowFailException(f"examples of {day} are not published; nothing to label")
+    _validate(plan)  # runs after a failed refresh too: bad data must not reach the fallback teacher
     try:
         ckpt = mat.choose_teacher(cfg, day, plan["teacher_version"])
     except KDError as e:
         raise AirflowFailException(str(e)) from None
     staleness = (day - ckpt.trained_through).days
     if staleness > cfg.policies.label_lag_days:  # staler than the label policy asks for: a refresh failed
-        log.warning("labels for %s come from %s, %d day(s) stale (policy: %s, lag %d)", day, ckpt.version,
-                    staleness, cfg.policies.labels, cfg.policies.label_lag_days)
+        log.warning("%s", fallback_message(day, ckpt.version, ckpt.trained_through, staleness,
+                                           cfg.policies.label_lag_days, bool(plan["teacher_version"])))
     else:
         log.info("labels for %s come from %s (%s, %d day(s) old)", day, ckpt.version, cfg.policies.labels, staleness)
     return [{"teacher_version": ckpt.version, "shard": i} for i in range(plan["shards"])]
@@ -227,14 +260,19 @@ def commit_labels(plan: dict[str, Any], shards: list[dict[str, Any]], **context:
     from kdcore.labels import materialize as mat
 
     out = mat.commit(_cfg(plan), _day(plan), teacher_version, plan["shards"])
-    context["outlet_events"][LABELS_ASSET].extra = {
-        "date": plan["date"], "uri": out["uri"], "teacher_version": teacher_version, "rows": out["rows"]}
+    extra = labels_event_extra(plan["date"], out)
+    context["outlet_events"][LABELS_ASSET].extra = extra
+    if extra["teacher_stale"]:
+        log.warning("labels for %s committed from stale teacher %s (%s day(s) stale)", plan["date"],
+                    teacher_version, extra["staleness_days"])
     return out
 
 
 @task(task_id=GATE_TASK_ID, trigger_rule=TriggerRule.NONE_FAILED)
 def quality_gate(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
     """Decide what the students do on D: pass / warn (distil, warning logged) / fail.
+    Labels from a stale (fallback) teacher warn at least; the decision carries
+    ``teacher_stale`` and ``teacher_version`` (None when no labels are used).
 
     The decision is pushed to XCom (key ``decision``) in every case. On ``fail`` the task
     then fails (red in the UI, no retry: the data will not change) and the students react
@@ -251,9 +289,19 @@ def quality_gate(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
     else:
         why = "no student uses teacher labels" if not labels else "stage 'gate' not selected"
         result = {"status": "not_run", "action": "distill", "summary": why}
-    decision = {**result, "date": plan["date"], "labels_uri": labels}
+        if labels:  # no gate, but the fallback stays visible
+            from kdcore.storage.partition import read_manifest
+
+            meta = read_manifest(labels).metadata
+            result.update(teacher_version=meta.get("teacher_version"), teacher_stale=meta.get("teacher_stale"),
+                          staleness_days=meta.get("staleness_days"))
+    decision = {**result, "date": plan["date"], "labels_uri": labels,
+                "teacher_stale": result.get("teacher_stale"), "teacher_version": result.get("teacher_version")}
     context["ti"].xcom_push(key=DECISION_KEY, value=decision)
     status, action = decision["status"], decision["action"]
+    if decision["teacher_stale"]:
+        log.warning("FALLBACK: %s was labelled by stale teacher %s (%s day(s) stale)", day,
+                    decision["teacher_version"], decision.get("staleness_days"))
     if status == "warn":
         log.warning("quality gate WARN for %s (students distil): %s", day, decision.get("summary"))
     elif status == "fail":
@@ -297,4 +345,7 @@ def report(plan: dict[str, Any]) -> dict[str, Any]:
 
     out = build_report(_cfg(plan))
     log.info("report for %s written to %s\n%s", plan["date"], out["uri"], out.get("markdown", ""))
-    return {"uri": out["uri"], "files": out.get("files"), "date": plan["date"]}
+    stale = out.get("stale_teacher_days") or []
+    if stale:
+        log.warning("report: %d day(s) labelled by a stale (fallback) teacher: %s", len(stale), ", ".join(stale))
+    return {"uri": out["uri"], "files": out.get("files"), "date": plan["date"], "stale_teacher_days": stale}

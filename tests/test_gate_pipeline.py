@@ -1,6 +1,7 @@
 """The quality gate inside the daily pipeline: a frozen teacher and a sudden shift trip
-warn then fail, students react per policy, broken label files fail with the check and
-the count of bad rows, and the report shows every day's gate figures."""
+warn then fail (a teacher staler than the label lag always warns: teacher_fresh),
+students react per policy, broken label files fail with the check and the count of bad
+rows, and the report shows every day's gate figures and the stale-teacher days."""
 
 from __future__ import annotations
 
@@ -72,17 +73,25 @@ def _fresh(synth_root: Path, tmp_path: Path, on_fail: str):
 def test_frozen_teacher_trips_warn_then_fail_and_students_fall_back(synth_root, tmp_path):
     cfg = _fresh(synth_root, tmp_path, "hard_labels_only")
     frozen = registry.find_checkpoint(cfg.root, cfg.spec.name, "teacher", D0 + dt.timedelta(days=3)).version
-    statuses = {}
+    statuses, fresh = {}, {}
     for k in (1, 3, 8):  # staleness thresholds: warn > 2, fail > 7
         day = D0 + dt.timedelta(days=3 + k)
         out = pipeline.run_day(cfg, day, stages=("labels", "gate", "students"), teacher_version=frozen)
         statuses[k] = out["gate"]["checks"]["staleness_days"]["status"]
+        # a pinned teacher staler than the one-day label lag is a stale teacher: teacher_fresh warns
+        fresh[k] = (out["gate"]["checks"]["teacher_fresh"]["status"], out["gate"]["teacher_stale"])
+        assert out["gate"]["teacher_version"] == frozen and out["gate"]["staleness_days"] == k
         if statuses[k] == "fail":
             assert out["gate"]["status"] == "fail" and out["gate"]["action"] == "hard_labels_only"
             assert "staleness_days" in out["gate"]["summary"]
             meta = registry.find_checkpoint(cfg.root, cfg.spec.name, "student_aux", day).meta
             assert meta["kd_applied"] is False and meta["gate_action"] == "hard_labels_only"
     assert statuses == {1: "pass", 3: "warn", 8: "fail"}
+    assert fresh == {1: ("pass", False), 3: ("warn", True), 8: ("warn", True)}
+    stale = build_report(cfg)
+    assert stale["stale_teacher_days"] == [(D0 + dt.timedelta(days=3 + k)).isoformat() for k in (3, 8)]
+    assert f"- {D0 + dt.timedelta(days=11)}: teacher {frozen}, 8 day(s) stale (expected 1); gate fail" \
+        in stale["markdown"]
 
 
 def test_skip_policy_publishes_no_student(synth_root, tmp_path):
@@ -113,6 +122,11 @@ def test_sudden_shift_is_flagged_after_but_not_before(synth_root, tmp_path):
         assert r["date"] in gate_csv
     assert "## Gate per day" in report["markdown"]
     assert "shift.png" in report["files"]
+    # the teacher was refreshed every day: no fallback anywhere
+    assert all(not r["gate"]["teacher_stale"] and r["gate"]["checks"]["teacher_fresh"]["status"] == "pass"
+               for r in results)
+    assert "## Labels from a stale teacher\n\nNone: every day was labelled" in report["markdown"]
+    assert report["stale_teacher_days"] == []
 
 
 @pytest.mark.parametrize("breakage,check,count", [

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from kdcore.data.spec import DatasetSpec
 from kdcore.errors import SpecError
 from kdcore.quality.gate import GateDecision, GatePolicy, Thresholds, evaluate_gate
-from kdcore.quality.labels_check import check_labels
+from kdcore.quality.labels_check import TeacherLineage, check_labels
 from kdcore.quality.profile import Profile, build_profile, quantile_edges
 from kdcore.quality.shift import bin_counts, categorical_counts, compare, js_divergence, psi
 from kdcore.yamlconf import validate
@@ -213,6 +213,47 @@ def test_label_drift_and_staleness(profile):
     assert drift.status == "fail" and drift.value == pytest.approx(0.2)
     assert check(decision, "staleness_days").status == "warn"
     assert check(decision, "calibration:like").status == "fail"  # 0.3 / 0.5 = 0.6
+
+
+@pytest.mark.parametrize("staleness,expected,stale,status", [
+    (2, 1, True, "warn"),  # the refresh failed: the teacher through D-2 stands in
+    (1, 1, False, "pass"),  # out of sample, as the policy asks
+    (0, 0, False, "pass"),  # in sample
+    (1, 0, True, "warn"),
+])
+def test_teacher_fresh_warns_on_a_stale_teacher(ref_day, profile, staleness, expected, stale, status):
+    teacher = TeacherLineage(version="teacher-v7", trained_through="2023-11-12", expected_staleness_days=expected,
+                             stale=stale)
+    labels = check_labels(teacher_labels(ref_day), ref_day, SPEC, staleness, teacher)
+    assert labels.teacher == teacher
+    # lenient staleness thresholds: the fallback still warns, it never passes silently
+    policy = GatePolicy(staleness_days=Thresholds(warn=10, fail=20))
+    decision = evaluate_gate(compare(profile, ref_day, SPEC), labels, policy)
+    fresh = check(decision, "teacher_fresh")
+    assert check(decision, "staleness_days").status == "pass"
+    assert fresh.status == status and fresh.value == staleness and fresh.warn == expected
+    assert decision.status == status and decision.action == "distill"
+    assert "teacher-v7" in fresh.detail and "trained through 2023-11-12" in fresh.detail
+    assert f"{staleness} day(s) stale" in fresh.detail
+    assert (f"the label policy expects {expected}" if stale else f"as the label policy expects ({expected})") \
+        in fresh.detail
+    assert fresh.detail.startswith("FALLBACK:") is stale
+    assert ("teacher_fresh" in decision.summary()) is stale
+    if stale:
+        assert f"teacher_fresh = {staleness} > warn {expected} (FALLBACK: " in decision.summary()
+
+
+def test_teacher_fresh_needs_the_lineage(ref_day, profile):
+    """Without the teacher's lineage (callers that do not know it) there is no such check;
+    a fallback under a failing staleness still fails the gate."""
+    decision = evaluate_gate(compare(profile, ref_day, SPEC),
+                             check_labels(teacher_labels(ref_day), ref_day, SPEC, 0), GatePolicy())
+    assert "teacher_fresh" not in {c.name for c in decision.checks}
+    teacher = TeacherLineage(version="v", trained_through="2023-11-01", expected_staleness_days=1, stale=True)
+    decision = evaluate_gate(compare(profile, ref_day, SPEC),
+                             check_labels(teacher_labels(ref_day), ref_day, SPEC, 9, teacher), GatePolicy())
+    assert decision.status == "fail" and check(decision, "staleness_days").status == "fail"
+    assert check(decision, "teacher_fresh").status == "warn"
 
 
 # ------------------------------------------------------------------ label checks

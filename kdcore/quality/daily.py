@@ -2,7 +2,8 @@
 
 Compares the reference profile of the teacher that labelled D (its training window,
 stored with its checkpoint at refresh) with the students' day D, checks the labels
-(coverage, validity, calibration, staleness), validates D with a great-expectations
+(coverage, validity, calibration, staleness, and whether the teacher that labelled them is
+a stale fallback: ``teacher_fresh`` warns then), validates D with a great-expectations
 suite generated from the profile, and decides what students may do. Everything it saw
 is published under ``<root>/quality/<dataset>/date=D/`` (decision, figures, Data Docs)."""
 
@@ -21,7 +22,7 @@ from kdcore.data.spec import DatasetSpec
 from kdcore.errors import StorageError
 from kdcore.models import registry
 from kdcore.quality.gate import CheckResult, evaluate_gate
-from kdcore.quality.labels_check import check_labels
+from kdcore.quality.labels_check import TeacherLineage, check_labels
 from kdcore.quality.profile import Profile, build_profile
 from kdcore.quality.shift import compare
 from kdcore.storage import fs as sfs
@@ -47,7 +48,9 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
     spec = cfg.spec
     labels_manifest = part.read_manifest(labels_uri)
     meta = labels_manifest.metadata
-    teacher = registry.read_checkpoint(meta["teacher_uri"])
+    # labels committed before paths were relative to the root name the teacher by URI
+    teacher = registry.read_checkpoint(sfs.join(cfg.root, meta["teacher_path"]) if "teacher_path" in meta
+                                       else meta["teacher_uri"])
     try:
         profile = Profile.model_validate_json(part.read_blob(teacher.uri, PROFILE))
     except StorageError:
@@ -56,7 +59,9 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
     data = examples.read_day(cfg.root, spec, day)
     labels = part.read_table(labels_uri, manifest=labels_manifest)  # raw: dtype errors are checks
     shift = compare(profile, data, spec)
-    checks = check_labels(labels, data, spec, int(meta["staleness_days"]))
+    staleness = int(meta["staleness_days"])
+    lineage = teacher_lineage(meta, teacher, cfg.policies.label_lag_days)
+    checks = check_labels(labels, data, spec, staleness, lineage)
     decision = evaluate_gate(shift, checks, cfg.gate)
     with tempfile.TemporaryDirectory(prefix="kd-gx-") as tmp:
         from kdcore.quality.expectations import validate_day
@@ -72,8 +77,11 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
     status = decision.status if decision.status == "fail" or gx_check.status == "pass" else "warn"
     decision = decision.model_copy(update={"checks": checks_all, "status": status})
     summary = decision.summary()
+    # Deterministic (no times, no run ids): re-running the gate leaves decision.json's bytes alone.
     record = {"date": day.isoformat(), "status": decision.status, "action": decision.action, "summary": summary,
-              "teacher_version": teacher.version, "labels_uri": labels_uri,
+              "teacher_version": teacher.version, "teacher_trained_through": lineage.trained_through,
+              "teacher_stale": lineage.stale, "staleness_days": staleness,
+              "expected_staleness_days": lineage.expected_staleness_days, "labels_path": _relative(cfg.root, labels_uri),
               "checks": [c.model_dump(mode="json") for c in checks_all]}
     blobs = {"decision.json": _json(record), "shift.json": shift.model_dump_json(indent=1).encode(),
              "labels_check.json": checks.model_dump_json(indent=1).encode(),
@@ -83,11 +91,32 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
         manifest = part.read_manifest(uri)
     else:
         manifest = part.publish_blobs(uri, blobs, {"kind": "gate", "date": day.isoformat(),
-                                               "status": decision.status}, keep_names=True)
+                                               "status": decision.status, "teacher_stale": lineage.stale},
+                                      keep_names=True)
+    if lineage.stale:
+        log.warning("%s: FALLBACK teacher: labels come from %s (trained through %s), %d day(s) stale, "
+                    "the label policy expects %d", day, teacher.version, lineage.trained_through, staleness,
+                    lineage.expected_staleness_days)
     log.log(logging.WARNING if decision.status != "pass" else logging.INFO, "%s: %s", day, summary)
     return {"status": decision.status, "action": decision.action, "summary": summary, "uri": uri,
             "data_docs": sfs.join(uri, manifest.file("data_docs/index.html").path) if "index.html" in docs else None,
+            "teacher_version": teacher.version, "teacher_stale": lineage.stale, "staleness_days": staleness,
+            "expected_staleness_days": lineage.expected_staleness_days,
             "checks": {c.name: {"value": c.value, "status": c.status} for c in checks_all}}
+
+
+def teacher_lineage(meta: dict[str, Any], teacher: registry.Checkpoint, label_lag_days: int) -> TeacherLineage:
+    """The labelling teacher as the labels' manifest records it. Labels committed before
+    the manifest carried ``teacher_stale`` are judged against today's ``label_lag_days``."""
+    expected = meta.get("expected_staleness_days")
+    expected = int(label_lag_days if expected is None else expected)
+    stale = meta.get("teacher_stale")
+    if stale is None:
+        stale = int(meta["staleness_days"]) > expected
+    return TeacherLineage(version=str(meta.get("teacher_version") or teacher.version),
+                          trained_through=str(meta.get("teacher_trained_through")
+                                              or teacher.trained_through.isoformat()),
+                          expected_staleness_days=expected, stale=bool(stale))
 
 
 def _unchanged(uri: str, blobs: dict[str, bytes]) -> bool:
@@ -98,6 +127,12 @@ def _unchanged(uri: str, blobs: dict[str, bytes]) -> bool:
         return all(part.read_blob(uri, k) == blobs[k] for k in ("decision.json", "shift.json", "labels_check.json"))
     except StorageError:
         return False
+
+
+def _relative(root: str, uri: str) -> str:
+    """Paths inside published records are relative to the root, so a moved root keeps them."""
+    root, uri = sfs.normalize(root), sfs.normalize(uri)
+    return uri[len(root) + 1:] if uri.startswith(root + "/") else uri
 
 
 def _json(obj: Any) -> bytes:

@@ -5,6 +5,11 @@ A value trips a level when it is strictly greater than that level's threshold, s
 threshold of 0.0 means "any amount trips it" (used for invalid labels). On fail the
 policy chooses: students train on hard labels only (no KD), or do not train at all.
 Warnings proceed with distillation but are named in the summary.
+
+``teacher_fresh`` is not configurable: labels from a teacher staler than the label policy
+asks for (the refresh failed or was skipped and the last good teacher stood in, or a
+version was pinned) always warn, so a fallback never passes silently. How stale is too
+stale to distil from stays the ``staleness_days`` thresholds' call.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kdcore.quality.labels_check import LabelChecks
+from kdcore.quality.labels_check import LabelChecks, TeacherLineage
 from kdcore.quality.shift import ShiftReport
 from kdcore.yamlconf import Strict
 
@@ -157,7 +162,24 @@ def _label_checks(labels: LabelChecks, policy: GatePolicy) -> list[CheckResult]:
         out.append(_check(f"calibration:{task}", value, policy.calibration, detail))
     out.append(_check("staleness_days", float(labels.staleness_days), policy.staleness_days,
                       f"the teacher has not seen the last {labels.staleness_days} day(s) of data"))
+    if labels.teacher is not None:
+        out.append(teacher_check(labels.teacher, labels.staleness_days))
     return out
+
+
+def teacher_check(t: TeacherLineage, staleness_days: int) -> CheckResult:
+    """``teacher_fresh``: warn (never pass) when the labels come from a stale teacher. The
+    value is the labels' staleness in days, the warn level the staleness the label policy
+    expects; it never fails by itself (``staleness_days`` has the fail threshold)."""
+    if t.stale:
+        detail = (f"FALLBACK: labels come from teacher {t.version}, trained through {t.trained_through}: "
+                  f"{staleness_days} day(s) stale where the label policy expects {t.expected_staleness_days} "
+                  f"(the teacher refresh failed or was skipped, or a version was pinned)")
+    else:
+        detail = (f"labels come from teacher {t.version}, trained through {t.trained_through}: "
+                  f"{staleness_days} day(s) stale, as the label policy expects ({t.expected_staleness_days})")
+    return CheckResult(name="teacher_fresh", value=float(staleness_days), warn=float(t.expected_staleness_days),
+                       fail=float("inf"), status="warn" if t.stale else "pass", detail=detail)
 
 
 def _fmt(x: float | None) -> str:

@@ -1,6 +1,8 @@
 """Checks on the teacher labels for day D against D's examples: coverage (every example
 labelled once), validity (right dtype, finite, in range), the teacher's calibration on D
 per binary task (overall and per prediction decile) and bias per regression task.
+It also records which teacher labelled D and whether it is staler than the label policy
+asks for (a fallback after a failed or skipped refresh, or a pinned version).
 
 This module only measures and counts bad rows; gate.py turns the counts into pass / warn
 / fail with the policy thresholds (staleness included, which is passed in as a number).
@@ -98,12 +100,24 @@ class RegressionBias(_Model):
     count: int
 
 
+class TeacherLineage(_Model):
+    """The teacher that labelled D, from the labels' manifest metadata. ``stale``: it is
+    older than the label policy asks for (``staleness_days > expected_staleness_days``),
+    so the labels come from a fallback teacher."""
+
+    version: str
+    trained_through: str  # ISO date
+    expected_staleness_days: int
+    stale: bool
+
+
 class LabelChecks(_Model):
     coverage: Coverage
     validity: dict[str, TaskValidity]
     calibration: dict[str, Calibration]
     bias: dict[str, RegressionBias]
     staleness_days: int
+    teacher: TeacherLineage | None = None  # None: not known to the caller (no freshness check)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -190,10 +204,12 @@ def _mean(a: np.ndarray) -> float | None:
 # --------------------------------------------------------------------------- entry point
 
 
-def check_labels(labels: pa.Table, examples: pa.Table, spec: DatasetSpec, staleness_days: int) -> LabelChecks:
+def check_labels(labels: pa.Table, examples: pa.Table, spec: DatasetSpec, staleness_days: int,
+                 teacher: TeacherLineage | None = None) -> LabelChecks:
     """Measure the teacher labels for day D against D's examples. Raises DataError only when
     an id column or a hard-label column of the examples is absent (nothing can be checked);
-    every problem in the teacher labels themselves is reported as counts instead."""
+    every problem in the teacher labels themselves is reported as counts instead.
+    ``teacher`` (the labelling teacher's lineage) is recorded for the freshness check."""
     if staleness_days < 0:
         raise ValueError(f"staleness_days must be >= 0, got {staleness_days}")
     label_ids = _ids(labels, spec.example_id, "teacher labels")
@@ -222,4 +238,4 @@ def check_labels(labels: pa.Table, examples: pa.Table, spec: DatasetSpec, stalen
             bias[task.name] = RegressionBias(task=task.name, mean_pred=mean_pred, mean_label=mean_label,
                                              bias=b, count=pred.size)
     return LabelChecks(coverage=coverage, validity=validity, calibration=calibration, bias=bias,
-                       staleness_days=staleness_days)
+                       staleness_days=staleness_days, teacher=teacher)

@@ -1,6 +1,8 @@
 """The report: per-day metrics of teacher, students and control, the KD gain of each
 student against its control (paired by day, bootstrap 95% interval), the gate's shift
-figures, as CSV + Markdown + PNG plots published under ``<root>/reports/<dataset>/``."""
+figures and the teacher that labelled each day (with the days labelled by a stale,
+fallback teacher), as CSV + Markdown + PNG plots published under
+``<root>/reports/<dataset>/``."""
 
 from __future__ import annotations
 
@@ -119,11 +121,54 @@ def _models_md(cfg: PipelineConfig, models: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def _days(v: Any) -> str:
+    """Staleness is a whole number of days (a gate check stores it as a float)."""
+    return "" if v is None else str(int(v))
+
+
+def _fallback(stale: bool | None) -> str:
+    return "" if stale is None else ("**yes (stale)**" if stale else "no")
+
+
+def stale_days(rows: list[dict[str, Any]], gates: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per date labelled by a stale (fallback) teacher: the teacher and the staleness, as
+    the gate recorded them, else as a distilling student's checkpoint did."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in gates:
+        if g.get("teacher_stale"):
+            out[g["date"]] = {"teacher": g.get("teacher_version"), "staleness": g.get("staleness_days"),
+                              "expected": g.get("expected_staleness_days"), "gate": g.get("status")}
+    for r in rows:
+        if r.get("teacher_stale") and r["date"] not in out:
+            out[r["date"]] = {"teacher": r.get("label_teacher"), "staleness": r.get("staleness"),
+                              "expected": None, "gate": None}
+    return dict(sorted(out.items()))
+
+
+def _stale_md(cfg: PipelineConfig, rows, gates) -> list[str]:
+    stale = stale_days(rows, gates)
+    lag = cfg.policies.label_lag_days
+    lines = ["", "## Labels from a stale teacher", ""]
+    if not stale:
+        return lines + [f"None: every day was labelled by a teacher as fresh as the label policy asks for "
+                        f"({lag} day(s) of lag)."]
+    lines.append(f"{len(stale)} day(s) labelled by a fallback teacher, staler than the label policy's {lag} day(s) "
+                 f"of lag (the teacher refresh failed or was skipped, or a version was pinned):")
+    lines.append("")
+    for day, s in stale.items():
+        expected = s["expected"] if s["expected"] is not None else lag
+        gate = f"; gate {s['gate']}" if s["gate"] else ""
+        lines.append(f"- {day}: teacher {s['teacher'] or 'unknown'}, {_days(s['staleness']) or '?'} day(s) stale "
+                     f"(expected {expected}){gate}")
+    return lines
+
+
 def _markdown(cfg: PipelineConfig, rows, gains, gates, models: list[dict[str, Any]] | None = None) -> str:
     lines = [f"# KD report: {cfg.spec.name}", "", *_models_md(cfg, models or [])]
     days = sorted({r["date"] for r in rows})
     if not days:
-        return "\n".join(lines + ["No progressive metrics yet: run at least one day after bootstrap."])
+        tail = _stale_md(cfg, rows, gates) if gates else []
+        return "\n".join(lines + ["No progressive metrics yet: run at least one day after bootstrap.", *tail])
     lines += [f"Progressive validation over {len(days)} days ({days[0]} .. {days[-1]}).", "",
               "## KD gain against the control (student - control, mean over days, 95% bootstrap interval)", "",
               "Higher AUC/GAUC is better; lower NE and RMSE are better.", "",
@@ -144,12 +189,19 @@ def _markdown(cfg: PipelineConfig, rows, gains, gates, models: list[dict[str, An
             lines.append(f"| {model} | {sel[0]['role']} | {t.name} | {len(sel)} | {mean('auc')} | {mean('gauc')} | "
                          f"{mean('ne')} | {mean('calibration')} | {mean('rmse')} |")
     if gates:
-        lines += ["", "## Gate per day", "", "| date | status | action | max PSI | max JS | staleness |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Gate per day", "", "Teacher: the teacher that labelled the day; fallback: labels from a "
+                  "teacher staler than the label policy asks for (its refresh failed or was skipped, or a version "
+                  "was pinned). Staleness in whole days.", "",
+                  "| date | status | action | teacher | fallback | max PSI | max JS | staleness (days) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for g in gates:
             def f(k, g=g):
                 v = g.get(k)
                 return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-            lines.append(f"| {g['date']} | {g['status']} | {g['action']} | {f('psi')} | {f('js')} | {f('staleness_days')} |")
+            lines.append(f"| {g['date']} | {g['status']} | {g['action']} | {g.get('teacher_version') or ''} | "
+                         f"{_fallback(g.get('teacher_stale'))} | {f('psi')} | {f('js')} | "
+                         f"{_days(g.get('staleness_days'))} |")
+    lines += _stale_md(cfg, rows, gates)
     lines += ["", "## Per day", "", "| date | model | task | auc | gauc | ne | calibration | rmse |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def f(k, r=r):
@@ -169,4 +221,5 @@ def build_report(cfg: PipelineConfig, out: str | None = None) -> dict[str, Any]:
              "gate.csv": _csv(gates), **_plot(cfg, rows, gates)}
     uri = out or sfs.join(cfg.root, "reports", cfg.spec.name)
     part.publish_blobs(uri, blobs, {"kind": "report", "days": len({r['date'] for r in rows})})
-    return {"uri": uri, "markdown": md, "gains": gains, "files": sorted(blobs)}
+    return {"uri": uri, "markdown": md, "gains": gains, "files": sorted(blobs),
+            "stale_teacher_days": list(stale_days(rows, gates))}

@@ -24,9 +24,12 @@ def metric_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
             prog = meta.get("progressive")
             if not prog or not prog.get("metrics"):
                 continue
+            stale = _stale(meta.get("label_teacher_stale"), meta.get("label_staleness_days"),
+                           cfg.policies.label_lag_days)
             for task, m in prog["metrics"].items():
                 rows.append({"date": prog["date"], "model": name, "role": role, "task": task,
                              "kd_applied": meta.get("kd_applied"), "staleness": meta.get("label_staleness_days"),
+                             "label_teacher": meta.get("teacher_version"), "teacher_stale": stale,
                              **{k: (v if v is None or not isinstance(v, float) or math.isfinite(v) else None)
                                 for k, v in m.items()}})
     return sorted(rows, key=lambda r: (r["date"], r["model"], r["task"]))
@@ -42,11 +45,36 @@ def gate_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
             decision = json.loads(part.read_blob(uri, "decision.json"))
         except Exception:  # noqa: BLE001 - an unreadable decision is reported as missing
             continue
-        row = {"date": day, "status": decision.get("status"), "action": decision.get("action")}
-        for check in decision.get("checks", []):
-            row[check["name"]] = check.get("value")
+        checks = {c["name"]: c for c in decision.get("checks", [])}
+        staleness = decision.get("staleness_days", (checks.get("staleness_days") or {}).get("value"))
+        row = {"date": day, "status": decision.get("status"), "action": decision.get("action"),
+               "teacher_version": decision.get("teacher_version"),
+               "teacher_stale": _stale(decision.get("teacher_stale"), staleness, cfg.policies.label_lag_days,
+                                       (checks.get("teacher_fresh") or {}).get("status")),
+               "expected_staleness_days": decision.get("expected_staleness_days")}
+        for name, check in checks.items():
+            value = check.get("value")
+            # whole days: staleness is a count of days, not a ratio
+            row[name] = int(value) if name in _DAY_CHECKS and isinstance(value, float) else value
         rows.append(row)
     return rows
+
+
+_DAY_CHECKS = ("staleness_days", "teacher_fresh")
+
+
+def _stale(flag: bool | None, staleness: float | None, label_lag_days: int,
+           check_status: str | None = None) -> bool | None:
+    """Whether the labels came from a teacher staler than the label policy asks for: the
+    recorded flag; for records written before the flag existed, the teacher_fresh check's
+    status, else the recorded staleness against today's label_lag_days (None: unknown)."""
+    if flag is not None:
+        return bool(flag)
+    if check_status is not None:
+        return check_status != "pass"
+    if staleness is None:
+        return None
+    return int(staleness) > label_lag_days
 
 
 def model_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
