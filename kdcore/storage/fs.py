@@ -90,7 +90,7 @@ def read_bytes(uri: str) -> bytes:
 def _os_error(uri: str, e: OSError) -> StorageError:
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
-              errno.EPERM: "operation not permitted"}.get(e.errno or 0, e.strerror or str(e))
+              errno.EPERM: "operation not permitted", errno.EFBIG: "file too large for this file system"}.get(e.errno or 0, e.strerror or str(e))
     return StorageError(f"{uri}: cannot write ({reason}); nothing was published")
 
 

@@ -8,6 +8,7 @@ the same manifest bytes (a no-op)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -36,14 +37,26 @@ class Manifest(BaseModel):
     bytes: int
     schema_b64: str | None = None  # Arrow IPC-serialized schema of parquet partitions
     metadata: dict[str, Any] = {}
+    # sha256 of the manifest's own canonical body: a flipped bit that leaves valid JSON (a
+    # row count, a staleness) is caught too. Absent in manifests written before it existed.
+    checksum: str | None = None
+
+    def _body(self) -> bytes:
+        body = self.model_dump(mode="json", exclude={"checksum"})
+        return json.dumps(body, sort_keys=True, indent=1).encode()
 
     def to_bytes(self) -> bytes:
         # Sorted keys and no timestamps: the same content always gives the same bytes.
-        return (json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=1) + "\n").encode()
+        out = self.model_dump(mode="json")
+        out["checksum"] = hashlib.sha256(self._body()).hexdigest()
+        return (json.dumps(out, sort_keys=True, indent=1) + "\n").encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
-        return cls.model_validate_json(data)
+        m = cls.model_validate_json(data)
+        if m.checksum is not None and hashlib.sha256(m._body()).hexdigest() != m.checksum:
+            raise ValueError("its checksum does not match its content")
+        return m.model_copy(update={"checksum": None})
 
     @property
     def schema(self) -> pa.Schema | None:
