@@ -13,9 +13,12 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.faultproxy import FaultGCS, FaultProxy
 
 GCS_TEST_BUCKET = "kd-test"
 _EMULATOR_START_TIMEOUT_S = 20.0
@@ -27,13 +30,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _emulator_script() -> str:
-    """The ``gcp-storage-emulator`` console script of the interpreter running the tests."""
-    bindir = Path(sys.executable).parent
-    for name in ("gcp-storage-emulator", "gcp-storage-emulator.exe"):
-        if (bindir / name).exists():
-            return str(bindir / name)
-    raise RuntimeError(f"gcp-storage-emulator is not installed next to {sys.executable}")
+def _emulator_command(port: int, bucket: str) -> list[str]:
+    """The strict emulator (gcp-storage-emulator with GCS preconditions and generations,
+    tests/gcs_strict.py), run by the interpreter running the tests."""
+    return [sys.executable, str(Path(__file__).with_name("gcs_strict.py")), "start",
+            "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", bucket]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -59,20 +60,17 @@ def _bucket_answers(port: int, bucket: str) -> bool:
 
 
 def _start_emulator(workdir: Path, bucket: str, attempts: int = 3) -> tuple[subprocess.Popen, int]:
-    script = _emulator_script()
     last_err = ""
     deadline = time.monotonic() + _EMULATOR_START_TIMEOUT_S  # one bound for all attempts
     for attempt in range(attempts):
         if time.monotonic() >= deadline:
             break
         port = _free_port()
+        cmd = _emulator_command(port, bucket)
         err_path = workdir / f"emulator-{attempt}.err"
         # The emulator logs every request: send it to files, never to an unread pipe.
         with open(workdir / f"emulator-{attempt}.out", "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(
-                [script, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-                 "--default-bucket", bucket],
-                stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
@@ -85,27 +83,59 @@ def _start_emulator(workdir: Path, bucket: str, attempts: int = 3) -> tuple[subp
         what = (f"exited with code {exited}" if exited is not None
                 else f"did not serve bucket '{bucket}' within {_EMULATOR_START_TIMEOUT_S:.0f} s")
         stderr = err_path.read_text(errors="replace")[-4000:]
-        last_err = (f"gcp-storage-emulator ({script}) on 127.0.0.1:{port} {what} "
+        last_err = (f"strict GCS emulator ({' '.join(cmd)}) {what} "
                     f"(attempt {attempt + 1}/{attempts}); stderr:\n{stderr}")
     raise RuntimeError(last_err)
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """An in-memory GCS emulator for the whole session; yields the bucket name.
+@dataclass(frozen=True)
+class GcsServer:
+    endpoint: str  #: http://127.0.0.1:PORT
+    bucket: str
+    pid: int
+    logdir: Path  #: emulator-N.out / emulator-N.err
 
-    ``STORAGE_EMULATOR_HOST`` points google-cloud-storage and ``kdcore.storage`` (and any
-    subprocess started with ``os.environ``) at it until the session ends."""
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
+    """The session's strict GCS emulator process (tests/gcs_strict.py); does not touch the
+    environment -- use ``gcs_emulator`` or ``fault_gcs`` for that."""
     workdir = tmp_path_factory.mktemp("gcs-emulator")
     proc, port = _start_emulator(workdir, GCS_TEST_BUCKET)
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-            # gcsfs against an emulator is very slow unless this is off (platform notes).
-            mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-            yield GCS_TEST_BUCKET
+        yield GcsServer(f"http://127.0.0.1:{port}", GCS_TEST_BUCKET, proc.pid, workdir)
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(gcs_server: GcsServer) -> Iterator[str]:
+    """An in-memory GCS emulator for the whole session; yields the bucket name.
+
+    The emulator enforces GCS preconditions (``ifGenerationMatch`` & co, 412) and
+    generations (tests/gcs_strict.py). ``STORAGE_EMULATOR_HOST`` points
+    google-cloud-storage and ``kdcore.storage`` (and any subprocess started with
+    ``os.environ``) at it until the session ends."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
+        # gcsfs against an emulator is very slow unless this is off (platform notes).
+        mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        yield gcs_server.bucket
+
+
+@pytest.fixture
+def fault_gcs(gcs_emulator: str, gcs_server: GcsServer, monkeypatch: pytest.MonkeyPatch,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultGCS]:
+    """The session's emulator behind a fault-injecting proxy (tests/faultproxy.py), for one
+    test: ``STORAGE_EMULATOR_HOST`` points at the proxy meanwhile. Yields ``FaultGCS``:
+    ``.endpoint`` (the proxy), ``.proxy`` (rules: ``fail``/``reset``/``drop_body``/``delay``/
+    ``corrupt_response``, and ``.log``), ``.bucket``, ``.upstream`` (the emulator itself),
+    ``.client()`` and ``.pyarrow_fs()``. The proxy is a process of its own (its output:
+    files in a temporary directory). The bucket is shared with the session: use a unique
+    prefix."""
+    with FaultProxy(gcs_server.endpoint, workdir=tmp_path_factory.mktemp("faultproxy")) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.endpoint)
+        yield FaultGCS(proxy.endpoint, proxy, gcs_emulator, gcs_server.endpoint)
 
 
 @pytest.fixture(params=["local", "gcs"])

@@ -76,6 +76,17 @@ def _foreign_architecture(kd: KD) -> None:
     part.publish_blobs(ckpt.uri, blobs, part.read_manifest(ckpt.uri).metadata)
 
 
+def _diverged_teacher(kd: KD) -> None:
+    """The teacher's weights became NaN (a diverged refresh that was still published)."""
+    from safetensors.torch import load, save
+
+    ckpt = registry.find_checkpoint(kd.cfg.root, "movielens", "teacher", kd.B)
+    blobs = {f.name: part.read_blob(ckpt.uri, f.name) for f in part.read_manifest(ckpt.uri).files}
+    state = load(blobs[registry.WEIGHTS])
+    blobs[registry.WEIGHTS] = save({k: (v * float("nan") if v.is_floating_point() else v) for k, v in state.items()})
+    part.publish_blobs(ckpt.uri, blobs, part.read_manifest(ckpt.uri).metadata)
+
+
 # Each case: (id, setup(kd, tmp) -> argv after `kd`, regex the one-line error must match).
 D1 = "{d1}"
 CASES: list[tuple[str, Callable[[KD, Path], list[str]], str]] = [
@@ -129,6 +140,10 @@ CASES: list[tuple[str, Callable[[KD, Path], list[str]], str]] = [
                                                           ["labels", "materialize", "--config", str(TINY),
                                                            "--date", D1])[1],
      r"models/movielens/teacher/date=\S+: checkpoint does not fit dataset 'movielens'.*do not match the model config"),
+    ("diverged-teacher", lambda kd, t: (_diverged_teacher(kd), ["labels", "materialize", "--config", str(TINY),
+                                                                "--date", D1])[1],
+     r"teacher teacher-\d{8}-\w+ predicts \d+ non-finite value\(s\) for task '\w+' on " + D1
+     + r"; labels not published"),
     ("parent-of-another-config", lambda kd, t: ["teacher", "refresh", "--date", D1, "--config", _cfg_variant(
         kd, t, lambda c: c["teacher"]["model"].update(hidden=[16]))],
      r"parent's model config differs from the pipeline config; start a new model name or bootstrap again"),

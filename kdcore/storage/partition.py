@@ -296,21 +296,30 @@ def read_blob(uri: str, name: str, manifest: Manifest | None = None) -> bytes:
 
 def _verified(uri: str, entry: FileEntry, verify: bool = True) -> pa.Buffer:
     """A stored file's bytes, checked against the manifest: a missing, truncated or
-    bit-flipped file is an error naming it, never data handed to a reader."""
+    bit-flipped file is an error naming it, never data handed to a reader. A mismatch is
+    read once more first, since a download can be damaged in transit (GCS's own client
+    reports that as DATA_LOSS) while the stored object is fine."""
     file_uri = sfs.join(uri, entry.path)
     fs, path = sfs.resolve(file_uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            buf = pa.py_buffer(f.read())
-    except (FileNotFoundError, OSError) as e:
-        if isinstance(e, FileNotFoundError) or "not found" in str(e).lower() or "no such file" in str(e).lower():
-            raise StorageError(f"{file_uri}: listed in {manifest_uri(uri)} but missing; "
-                               f"re-publish the partition (re-run its task with force)") from None
-        raise StorageError(f"{file_uri}: cannot read ({e})") from None
-    if verify and (buf.size != entry.bytes or hashlib.sha256(buf).hexdigest() != entry.sha256):
-        raise StorageError(f"{file_uri}: corrupt ({buf.size} bytes, checksum does not match "
-                           f"{manifest_uri(uri)}); re-publish the partition (re-run its task with force) to repair it")
-    return buf
+    detail = ""
+    for _ in range(2):
+        try:
+            with fs.open_input_stream(path) as f:
+                buf = pa.py_buffer(f.read())
+        except (FileNotFoundError, OSError) as e:
+            text = str(e).lower()
+            if isinstance(e, FileNotFoundError) or "not found" in text or "no such file" in text:
+                raise StorageError(f"{file_uri}: listed in {manifest_uri(uri)} but missing; "
+                                   f"re-publish the partition (re-run its task with force)") from None
+            if "mismatched hashes" not in text and "data_loss" not in text:
+                raise StorageError(f"{file_uri}: cannot read ({e})") from None
+            detail = "the download's checksum did not match what storage holds"
+            continue
+        if not verify or (buf.size == entry.bytes and hashlib.sha256(buf).hexdigest() == entry.sha256):
+            return buf
+        detail = f"{buf.size} bytes, checksum does not match {manifest_uri(uri)}"
+    raise StorageError(f"{file_uri}: corrupt ({detail}); re-publish the partition "
+                       f"(re-run its task with force) to repair it")
 
 
 def _parquet(uri: str, manifest: Manifest, entry: FileEntry, verify: bool) -> pq.ParquetFile:
