@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faultproxy import FaultGCS, FaultProxy
+from tests.faultproxy import FaultGCS, FaultProxy, stop_process
 
 GCS_TEST_BUCKET = "kd-test"
 _EMULATOR_START_TIMEOUT_S = 20.0
@@ -37,15 +37,7 @@ def _emulator_command(port: int, bucket: str) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", bucket]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+_stop = stop_process
 
 
 def _bucket_answers(port: int, bucket: str) -> bool:

@@ -133,6 +133,18 @@ class Rule:
         return f"Rule({self.spec})"
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server we started (by its handle, so its pid), then kill it if it lingers."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
 class FaultProxy:
     """Starts and programs a fault-injecting proxy process in front of ``upstream``
     (``http://host:port``). Use as a context manager or call ``start()``/``stop()``;
@@ -186,14 +198,8 @@ class FaultProxy:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        if proc is not None:
+            stop_process(proc)
 
     def __enter__(self) -> FaultProxy:
         return self.start()

@@ -182,14 +182,10 @@ def store(uri: str, src: bytes | str, sha256: str) -> bool:
 
 
 def _digest(src: bytes | str, algo: str) -> str:
-    h = hashlib.new(algo)
     if isinstance(src, bytes):
-        h.update(src)
-        return h.hexdigest()
+        return hashlib.new(algo, src).hexdigest()
     with open(src, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algo).hexdigest()
 
 
 def generation(uri: str) -> str | None:

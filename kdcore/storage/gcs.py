@@ -82,11 +82,8 @@ def upload(uri: str, data: bytes | str, if_generation_match: int | None = None) 
 
 
 def _md5_file(path: str) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def verify(uri: str, size: int, md5: str) -> ObjectStat:

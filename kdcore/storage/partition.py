@@ -28,11 +28,8 @@ PARQUET_OPTIONS: dict[str, Any] = dict(compression="zstd", compression_level=3,
 
 
 def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def manifest_uri(uri: str) -> str:
