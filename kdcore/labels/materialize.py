@@ -183,12 +183,11 @@ def materialize(cfg: PipelineConfig, day: dt.date, teacher_version: str | None =
     the examples published now (inference is deterministic, so recomputing them would
     only cost time); re-published examples are labelled again. ``force`` recomputes."""
     shards = shards or cfg.labels.shards
-    ensure_valid(cfg.root, cfg.spec, day)
+    current = ensure_valid(cfg.root, cfg.spec, day)["examples_sha256"]
     version = choose_teacher(cfg, day, teacher_version).version
     uri = labels_uri(cfg.root, cfg.spec.name, day, version)
     if not force and part.is_published(uri):
         m = part.read_manifest(uri)
-        current = part.manifest_digest(part.read_manifest(examples.examples_uri(cfg.root, cfg.spec.name, day)))
         if m.metadata.get("examples_sha256") == current:  # same teacher, same examples: same labels
             return {"uri": uri, "rows": m.rows, "teacher_version": version, "changed": False, "reused": True,
                     "staleness_days": m.metadata.get("staleness_days"),

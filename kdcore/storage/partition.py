@@ -74,9 +74,9 @@ def commit_manifest(uri: str, manifest: Manifest, expected: str | None | bool = 
     gets a ConflictError instead of silently overwriting it."""
     data = manifest.to_bytes()
     muri = manifest_uri(uri)
-    if expected is True:
-        expected = sfs.generation(muri)
     found = sfs.generation(muri)
+    if expected is True:
+        expected = found
     if found is not None and _same(muri, data):
         return False
     if found != expected:
