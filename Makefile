@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_ROOT ?= var/demo
 
-.PHONY: venv demo test lint ui bench clean
+.PHONY: venv demo test lint ui bench clean browser
 
 venv: $(STAMP)
 
@@ -26,7 +26,11 @@ ui: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+# Headless Debian Chromium for tests/test_ui_browser.py (driven by the playwright package; no browser download)
+browser:
+	@test -x /usr/bin/chromium || apt-get install -y chromium
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -3,6 +3,15 @@
 resolve → wait_for_examples → refresh_teacher → choose_teacher → materialize_labels[shard]
 → commit_labels → quality_gate → train_student[name] → report. See docs/airflow.md.
 
+Ad hoc (manual) runs: conf {"date": "YYYY-MM-DD"} is required; name the run after it
+(run id ``kd__<date>__<students or all>``) to see the partition in the run list.
+Backfills: never set ``date`` (a backfill run with a date, or a reprocessed manual run whose
+interval disagrees with its logical date, fails in ``resolve``).
+Bad params: ``resolve`` fails once, in seconds; downstream tasks skip (no plan).
+Missing partition: ``wait_for_examples`` waits at most ``$KD_SENSOR_TIMEOUT_SECONDS`` (4 h by
+default), then fails (no retry, no soft-fail) naming the partition URI; the run fails.
+A subset of students is a partial run: the report lists the others as "not trained".
+
 Thin on purpose: the tasks live in ``operators/kd_daily.py``; nothing heavy (torch,
 pyarrow, kdcore) is imported when the DAG processor parses this file.
 """
@@ -24,7 +33,11 @@ from operators import kd_daily as t
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     start_date=dt.datetime(1997, 9, 1, tzinfo=dt.UTC),  # before MovieLens' first day (1997-09-20)
     catchup=False,
-    max_active_runs=1,  # continuous training: days in order (backfills: --max-active-runs 1)
+    # Not 1: a scheduled run whose partition never arrives waits (sensor, no slot held) until
+    # its declared timeout; ad hoc runs must not queue behind it. Training stays bounded by
+    # pool kd_training, and the teacher trains one date at a time (max_active_tis_per_dag=1).
+    # In-order continuous training over many days: backfill with --max-active-runs 1.
+    max_active_runs=t.MAX_ACTIVE_RUNS,
     default_args={
         "retries": 2,
         "retry_delay": dt.timedelta(seconds=int(os.environ.get("KD_RETRY_DELAY_SECONDS", "60"))),
@@ -33,20 +46,29 @@ from operators import kd_daily as t
         "owner": "kd",
     },
     params={
-        "date": Param(None, type=["null", "string"], format="date",
-                      description="Partition date YYYY-MM-DD. Required for manual runs; scheduled and "
-                                  "backfill runs use their data interval start."),
-        "students": Param([], type="array", items={"type": "string", "pattern": "^[a-z][a-z0-9_]{0,40}$"},
-                          uniqueItems=True,
-                          description="Subset of students (and controls) to train; empty = all, "
-                                      "checked against the pipeline config at run time."),
-        "teacher_version": Param(None, type=["null", "string"],
+        # Every param is optional: each type allows null (the Airflow 3 trigger form marks a typed
+        # param without "null" as required). The form renders "stages" as a multi-select (array +
+        # examples + values_display), "date" as a date picker, "force" as a switch.
+        "date": Param(None, type=["null", "string"], format="date", title="Partition date",
+                      description="YYYY-MM-DD. Required for manual (ad hoc) runs. Leave EMPTY for backfills "
+                                  "and scheduled runs: they process the date they are named after, and a "
+                                  "backfill run with a date fails."),
+        "students": Param(None, type=["null", "array"],
+                          items={"type": "string", "pattern": "^[a-z][a-z0-9_]{0,40}$"}, uniqueItems=True,
+                          title="Students (subset)",
+                          description="Names of students/controls to train, one per line; empty = all, checked "
+                                      "against the pipeline config at run time. A subset is a partial run: the "
+                                      "report lists the others as 'not trained' that day."),
+        "teacher_version": Param(None, type=["null", "string"], title="Teacher version (pin)",
                                  description="Pin the labelling teacher (<name>-<YYYYMMDD>-<hash>); "
-                                             "skips the refresh."),
-        "stages": Param(list(t.STAGES), type="array", minItems=1, uniqueItems=True,
+                                             "skips the refresh. Empty = newest allowed by the policy."),
+        "stages": Param(list(t.STAGES), type=["null", "array"], minItems=1, uniqueItems=True, title="Stages",
                         items={"type": "string", "enum": list(t.STAGES)},
-                        description="Stages to run, e.g. [\"students\"] to train over existing labels."),
-        "force": Param(False, type="boolean", description="Retrain even if an identical checkpoint exists."),
+                        examples=list(t.STAGES), values_display=t.STAGE_LABELS,
+                        description="Stages to run, e.g. only 'students' to train over existing labels; "
+                                    "empty = all."),
+        "force": Param(False, type=["null", "boolean"], title="Force",
+                       description="Retrain even if an identical checkpoint exists."),
     },
     tags=["kd"],
     doc_md=__doc__,

@@ -1,13 +1,18 @@
 """kd_teacher_search: choose the teacher's configuration within a budget (issue 7).
 
-setup → [plan_rung_k → train_candidate_k[candidate] → close_rung_k] x MAX_RUNGS → report.
+setup → [plan_rung_k → train_candidate_k[candidate] → close_rung_k] x MAX_RUNGS → report
+→ approve_promotion (human in the loop) → promote.
 
 Successive halving: every candidate teacher gets a short run (bootstrap, a few daily
 steps of teacher refresh + labels + a proxy student distilling next to the control);
 candidates are ranked by the *student's* progressive NE gain over the control; the best
 1/eta continue warm from their checkpoints with more days, until the budget is spent or
-one remains. Manual trigger only; nothing here changes the daily pipeline: promote the
-winner explicitly with ``kd teacher promote --search-result <uri> --config ... --write``.
+one remains. Manual trigger only. The daily pipeline changes only through a human's
+approval: ``approve_promotion`` (Airflow HITL) shows the ranked candidates with their gains
+and 95% intervals and offers ``Promote <candidate>`` / ``Reject``; ``promote`` then rewrites
+the teacher block of ``params.promote_config`` (in the configs folder) and records who
+approved. Reject, or no answer within ``params.approval_timeout_minutes``, writes nothing.
+(CLI equivalent: ``kd teacher promote --search-result <uri> --config ... --write``.)
 Path params are confined at run time (``operators.teacher_search.validate_params``):
 ``config`` to the configs folder, ``root`` to the config's search_root or
 $KD_STORAGE_ROOT. See docs/teacher_search.md.
@@ -46,6 +51,15 @@ from operators import teacher_search as t
         "root": Param(None, type=["null", "string"], minLength=1,
                       description="override search_root: at or under the config's search_root "
                                   "or $KD_STORAGE_ROOT"),
+        "promote_config": Param(t.DEFAULT_PROMOTE_CONFIG, type="string", minLength=1,
+                                description="pipeline config whose teacher block an approved promotion rewrites "
+                                            "(in the configs folder; relative paths are taken there)"),
+        "request_approval": Param(True, type="boolean",
+                                  description="ask a human to approve a promotion at the end (false: search only, "
+                                              "nothing is promoted)"),
+        "approval_timeout_minutes": Param(t.APPROVAL_TIMEOUT_MINUTES, type="number", exclusiveMinimum=0,
+                                          maximum=t.MAX_APPROVAL_TIMEOUT_MINUTES,
+                                          description="how long the approval waits; then Reject (nothing written)"),
         "run_id": Param(None, type=["null", "string"], pattern="^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$",
                         description="search run id (default: the DAG run id)"),
     },
@@ -62,7 +76,12 @@ def kd_teacher_search():
         prev >> items
         trained >> closed
         prev = closed
-    prev >> t.report(run)
+    rep = t.report(run)
+    prev >> rep
+    approve = t.TeacherApprovalOperator(task_id="approve_promotion", retries=0,
+                                        execution_timeout=dt.timedelta(minutes=10))
+    rep >> approve
+    t.promote_teacher(approve.output)
 
 
 kd_teacher_search()

@@ -13,9 +13,11 @@ task or clearing a whole date leaves the same outputs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,11 @@ log = logging.getLogger(__name__)
 
 # Mirrors kdcore.pipeline.STAGES (checked by tests/test_dag_integrity.py; not imported: heavy).
 STAGES = ("teacher", "labels", "gate", "students", "report")
+STAGE_LABELS = {"teacher": "teacher: refresh the teacher on D", "labels": "labels: materialize D's teacher labels",
+                "gate": "gate: data-quality gate", "students": "students: train students + controls",
+                "report": "report: rebuild the report"}
+# Concurrent runs of kd_daily (see dags/kd_daily.py and docs/airflow.md, "Concurrent runs").
+MAX_ACTIVE_RUNS = 3
 POOL = "kd_training"
 POOL_SLOTS_DEFAULT = 2
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,24 +68,46 @@ def config_path() -> str:
     return str(path.resolve())
 
 
-def resolve_date(param_date: str | None, run_type: str | None, interval_start: Any) -> dt.date:
+def _as_date(value: Any) -> dt.date:
+    return value.date() if isinstance(value, dt.datetime) else value
+
+
+def resolve_date(param_date: str | None, run_type: str | None, interval_start: Any,
+                 logical_date: Any = None) -> dt.date:
     """The one partition date a run processes.
 
     Scheduled and backfill runs process their data interval's start: with
-    ``CronDataIntervalTimetable("0 0 * * *")`` the run for D covers [D, D+1). Other runs
-    (manual, asset-triggered) have no trustworthy interval (a manual run with logical
-    date D gets [D-1, D), one without a logical date has none), so they must name the
-    date in ``params.date``.
+    ``CronDataIntervalTimetable("0 0 * * *")`` the run for D covers [D, D+1) and its
+    logical date is D. Other runs (manual, asset-triggered) have no trustworthy interval
+    (a manual run with logical date D gets [D-1, D), one without a logical date has
+    none), so they must name the date in ``params.date``.
+
+    A backfill never takes ``date``: a backfill run processes the date it is named after
+    (its logical date) or nothing. A backfill that reprocesses a failed *manual* run keeps
+    that run's interval [D-1, D) (Airflow only relabels it ``backfill``): its interval
+    start then disagrees with its logical date D, and the run is refused instead of
+    silently processing D-1.
     """
     run_type = str(getattr(run_type, "value", run_type) or "")
     if run_type in ("scheduled", "backfill"):
         if interval_start is None:
             raise AirflowFailException(f"{run_type} run without a data interval: cannot resolve its date")
-        day = interval_start.date() if isinstance(interval_start, dt.datetime) else interval_start
+        day = _as_date(interval_start)
+        if logical_date is not None and _as_date(logical_date) != day:
+            raise AirflowFailException(
+                f"this {run_type} run is named after {_as_date(logical_date)} but its data interval starts "
+                f"{day}: it was created as a manual run and then reprocessed by a backfill, which keeps the "
+                f"manual run's interval. Refusing to process {day} under the name {_as_date(logical_date)}: "
+                f"delete this run and backfill {_as_date(logical_date)} again, or trigger a manual run with "
+                f'conf {{"date": "{_as_date(logical_date)}"}}')
+        if run_type == "backfill" and param_date:
+            raise AirflowFailException(
+                f"params.date={param_date} is set on a backfill run for {day}: a backfill processes the date "
+                f"it is named after and never takes 'date' (leave it empty in the backfill dialog and "
+                f"--dag-run-conf; a reprocessed manual run keeps its conf: delete that run first)")
         if param_date and dt.date.fromisoformat(param_date) != day:
             raise AirflowFailException(
-                f"params.date={param_date} contradicts this {run_type} run's partition {day}; "
-                f"do not set 'date' in a backfill's --dag-run-conf")
+                f"params.date={param_date} contradicts this {run_type} run's partition {day}")
         return day
     if not param_date:
         raise AirflowFailException(
@@ -121,6 +150,32 @@ def _label(text: str) -> None:
     get_current_context()["map_label"] = text  # type: ignore[typeddict-unknown-key]
 
 
+def _require_plan(plan: dict[str, Any] | None, task_id: str) -> dict[str, Any]:
+    """The tasks that run on ``all_done``/``none_failed`` still start when ``resolve``
+    failed, with ``plan=None``. They skip at once (no retry, no TypeError): the run fails
+    with resolve's one message."""
+    if not isinstance(plan, dict) or "date" not in plan:
+        raise AirflowSkipException(f"{task_id}: no plan, 'resolve' failed (see its log for why); nothing to do")
+    return plan
+
+
+@contextlib.contextmanager
+def _no_retry(what: str) -> Iterator[None]:
+    """Errors that a retry cannot change fail the task at once (AirflowFailException):
+    kdcore's DataError, SpecError, LineageError, GateError and plain KDError (labels not
+    materialized, unknown student, ...). StorageError (a partition read/write that may be
+    transient, ConflictError included) propagates and is retried with backoff."""
+    from kdcore.errors import KDError, StorageError
+
+    try:
+        yield
+    except StorageError:
+        raise
+    except KDError as e:
+        raise AirflowFailException(f"{what}: {type(e).__name__}: {e} (not retried: the inputs will not change)") \
+            from None
+
+
 @task(task_id="resolve")
 def resolve(**context: Any) -> dict[str, Any]:
     """Fix the run's plan: date, config, stages, students (validated against the config)."""
@@ -128,7 +183,7 @@ def resolve(**context: Any) -> dict[str, Any]:
 
     params, dag_run = context["params"], context["dag_run"]
     day = resolve_date(params.get("date"), getattr(dag_run, "run_type", None),
-                       context.get("data_interval_start"))
+                       context.get("data_interval_start"), context.get("logical_date"))
     stages = list(params.get("stages") or STAGES)
     unknown_stages = sorted(set(stages) - set(STAGES))
     if unknown_stages:
@@ -146,28 +201,82 @@ def resolve(**context: Any) -> dict[str, Any]:
     if unknown:
         raise AirflowFailException(f"params.students: unknown {unknown}; configured in {path}: {known}")
     students = [n for n in known if not wanted or n in wanted]  # config order, deterministic
+    trained = students if "students" in stages else []
     plan = {"date": day.isoformat(), "config": path, "root": cfg.root, "dataset": cfg.spec.name,
             "stages": [s for s in STAGES if s in stages],
-            "students": students if "students" in stages else [],
+            "students": trained,
+            # a partial run: the configured students this run does not train (their lineage skips
+            # D unless another run trains them; the report lists such dates as 'not trained')
+            "not_trained": [n for n in known if n not in trained],
             "teacher_version": params.get("teacher_version") or None,
             "force": bool(params.get("force")), "shards": cfg.labels.shards}
     log.info("plan for %s: %s", day, plan)
+    log.info("run note: %s", run_note(plan))
+    if plan["not_trained"] and "students" in stages:
+        log.warning("partial run for %s: students not trained by this run: %s", day, ", ".join(plan["not_trained"]))
     return plan
+
+
+def run_note(plan: dict[str, Any]) -> str:
+    """A one-line summary of the plan (logged by resolve; the docs' run id convention
+    uses the same words): ``partition 1998-02-17 · students: all · stages: all``."""
+    students = ("all" if not plan["not_trained"] else ", ".join(plan["students"]) or "none")
+    stages = "all" if list(plan["stages"]) == list(STAGES) else ", ".join(plan["stages"])
+    return f"partition {plan['date']} · students: {students} · stages: {stages}"
 
 
 @task(task_id="student_fanout")
 def student_fanout(plan: dict[str, Any]) -> list[str]:
     """The students (and controls) this run trains: the mapped training task expands over
     this list, read from the pipeline config at run time (empty: 'students' not selected)."""
-    return list(plan["students"])
+    return list(_require_plan(plan, "student_fanout")["students"])
+
+
+# How long wait_for_examples waits for D's partition before the run fails (declared, finite):
+# $KD_SENSOR_TIMEOUT_SECONDS, default 4 h (read when the DAG file is parsed, so the DAG
+# processor's environment sets it; make ui / scripts/ui.sh and make demo set it explicitly).
+SENSOR_TIMEOUT_DEFAULT = 4 * 3600
+SENSOR_POKE_DEFAULT = 300
+
+
+def sensor_timeout() -> float:
+    return float(os.environ.get("KD_SENSOR_TIMEOUT_SECONDS") or SENSOR_TIMEOUT_DEFAULT)
+
+
+def sensor_poke_interval() -> float:
+    return float(os.environ.get("KD_SENSOR_POKE_SECONDS") or SENSOR_POKE_DEFAULT)
+
+
+def missing_partition_message(uri: str, day: str, waited: float, timeout: float) -> str:
+    return (f"examples partition for {day} not published at {uri} after waiting {waited:.0f} s "
+            f"(sensor timeout {timeout:.0f} s, $KD_SENSOR_TIMEOUT_SECONDS): nothing ran for {day}. "
+            f"Publish the partition, then clear this task (or trigger a manual run with "
+            f'conf {{"date": "{day}"}})')
+
+
+def _waited_seconds(context: dict[str, Any]) -> float:
+    """Seconds since this sensor started waiting, computed like BaseSensorOperator does
+    in reschedule mode (the first reschedule's start, else now)."""
+    ti = context["ti"]
+    try:
+        first = ti.get_first_reschedule_date(context)
+    except Exception:  # noqa: BLE001 - no supervisor (unit tests): the poke is the first one
+        first = None
+    if first is None:
+        return 0.0
+    return (dt.datetime.now(dt.UTC) - first).total_seconds()
 
 
 @task.sensor(task_id="wait_for_examples", mode="reschedule",
-             poke_interval=float(os.environ.get("KD_SENSOR_POKE_SECONDS", "300")),
-             timeout=float(os.environ.get("KD_SENSOR_TIMEOUT_SECONDS", str(12 * 3600))),
+             poke_interval=sensor_poke_interval(), timeout=sensor_timeout(),
              execution_timeout=dt.timedelta(minutes=10))
-def wait_for_examples(plan: dict[str, Any]) -> PokeReturnValue:
-    """D's examples partition is published (its manifest exists)."""
+def wait_for_examples(plan: dict[str, Any], **context: Any) -> PokeReturnValue:
+    """D's examples partition is published (its manifest exists).
+
+    Never waits forever: once the declared timeout would pass before the next poke, the
+    task fails (no retry, not soft-failed: a missing day is an error someone must see)
+    with a message naming the partition's URI."""
+    plan = _require_plan(plan, "wait_for_examples")
     from kdcore.data.examples import examples_uri
     from kdcore.storage.partition import is_published
 
@@ -176,6 +285,13 @@ def wait_for_examples(plan: dict[str, Any]) -> PokeReturnValue:
     log.info("%s published: %s", uri, done)
     if done:  # the boundary: a day that breaks the data contract stops the run before any training
         _validate(plan)
+    else:
+        task = context.get("task")
+        timeout = float(getattr(task, "timeout", None) or sensor_timeout())
+        poke = float(getattr(task, "poke_interval", None) or sensor_poke_interval())
+        waited = _waited_seconds(context)
+        if waited + poke > timeout:  # the next poke would be past the timeout: fail now, by name
+            raise AirflowFailException(missing_partition_message(uri, plan["date"], waited, timeout))
     return PokeReturnValue(is_done=done, xcom_value=uri if done else None)
 
 
@@ -185,7 +301,8 @@ def _validate(plan: dict[str, Any]) -> None:
     from kdcore.data.validate import ensure_valid
     from kdcore.errors import DataError
 
-    cfg = _cfg(plan)
+    with _no_retry("pipeline config"):
+        cfg = _cfg(plan)
     try:
         out = ensure_valid(cfg.root, cfg.spec, _day(plan))
     except DataError as e:
@@ -193,18 +310,20 @@ def _validate(plan: dict[str, Any]) -> None:
     log.info("examples of %s valid: %d rows (examples %s)", plan["date"], out["rows"], out["examples_sha256"][:12])
 
 
-@task(task_id="refresh_teacher", pool=POOL, outlets=[TEACHER_ASSET],
+@task(task_id="refresh_teacher", pool=POOL, outlets=[TEACHER_ASSET], max_active_tis_per_dag=1,
       execution_timeout=dt.timedelta(hours=2))
 def refresh_teacher(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
     """Progressive-evaluate the teacher through D-1 on D, then train it on D. The parent
     is found by lineage (newest checkpoint before D), not by assuming D-1 ran."""
+    plan = _require_plan(plan, "refresh_teacher")
     if "teacher" not in plan["stages"]:
         raise AirflowSkipException("stage 'teacher' not selected")
     if plan["teacher_version"]:
         raise AirflowSkipException(f"teacher pinned to {plan['teacher_version']}: no refresh")
     from kdcore import pipeline
 
-    out = pipeline.refresh_teacher(_cfg(plan), _day(plan), plan["force"])
+    with _no_retry(f"teacher refresh for {plan['date']}"):
+        out = pipeline.refresh_teacher(_cfg(plan), _day(plan), plan["force"])
     context["outlet_events"][TEACHER_ASSET].extra = {
         "date": plan["date"], "version": out["version"], "uri": out["uri"], "parent": out.get("parent")}
     return out
@@ -218,6 +337,7 @@ def choose_teacher(plan: dict[str, Any]) -> list[dict[str, Any]]:
     ``policies.max_label_staleness_days`` (the refresh task stays red in the UI).
     Returns the keyword arguments of the shard tasks, one dict per shard (none when the
     'labels' stage is not selected: the mapped shard task is then skipped)."""
+    plan = _require_plan(plan, "choose_teacher")
     if "labels" not in plan["stages"]:
         return []
     from kdcore.data.examples import examples_uri
@@ -225,7 +345,8 @@ def choose_teacher(plan: dict[str, Any]) -> list[dict[str, Any]]:
     from kdcore.labels import materialize as mat
     from kdcore.storage.partition import is_published
 
-    cfg, day = _cfg(plan), _day(plan)
+    with _no_retry("pipeline config"):
+        cfg, day = _cfg(plan), _day(plan)
     if not is_published(examples_uri(cfg.root, cfg.spec.name, day)):
         raise AirflowFailException(f"examples of {day} are not published; nothing to label")
     _validate(plan)  # runs after a failed refresh too: bad data must not reach the fallback teacher
@@ -245,21 +366,25 @@ def choose_teacher(plan: dict[str, Any]) -> list[dict[str, Any]]:
 @task(task_id="materialize_labels", map_index_template="{{ map_label }}")
 def materialize_shard(plan: dict[str, Any], teacher_version: str, shard: int) -> dict[str, Any]:
     """Score shard ``shard`` of D's examples with the chosen teacher (published, not yet visible)."""
+    plan = _require_plan(plan, "materialize_labels")
     _label(f"shard {shard}/{plan['shards']}")
     from kdcore.labels import materialize as mat
 
-    return mat.materialize_shard(_cfg(plan), _day(plan), shard, plan["shards"], teacher_version)
+    with _no_retry(f"labels shard {shard} of {plan['date']}"):
+        return mat.materialize_shard(_cfg(plan), _day(plan), shard, plan["shards"], teacher_version)
 
 
 @task(task_id="commit_labels", outlets=[LABELS_ASSET], trigger_rule=TriggerRule.NONE_FAILED)
 def commit_labels(plan: dict[str, Any], shards: list[dict[str, Any]], **context: Any) -> dict[str, Any]:
     """Make every shard visible at once (one manifest); emits the labels asset event."""
+    plan = _require_plan(plan, "commit_labels")
     if "labels" not in plan["stages"] or not shards:
         raise AirflowSkipException("stage 'labels' not selected")
     teacher_version = shards[0]["teacher_version"]
     from kdcore.labels import materialize as mat
 
-    out = mat.commit(_cfg(plan), _day(plan), teacher_version, plan["shards"])
+    with _no_retry(f"committing the labels of {plan['date']}"):
+        out = mat.commit(_cfg(plan), _day(plan), teacher_version, plan["shards"])
     extra = labels_event_extra(plan["date"], out)
     context["outlet_events"][LABELS_ASSET].extra = extra
     if extra["teacher_stale"]:
@@ -277,16 +402,17 @@ def quality_gate(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
     The decision is pushed to XCom (key ``decision``) in every case. On ``fail`` the task
     then fails (red in the UI, no retry: the data will not change) and the students react
     per the action (train on hard labels only, or skip)."""
+    plan = _require_plan(plan, GATE_TASK_ID)
     if not {"gate", "students"} & set(plan["stages"]):
         raise AirflowSkipException("stages 'gate' and 'students' not selected")
     from kdcore import pipeline
 
-    cfg, day = _cfg(plan), _day(plan)
-    needs_labels = any(s.distill.uses_teacher for s in cfg.students)
-    labels = pipeline.find_labels(cfg, day, plan["teacher_version"]) if needs_labels else None
-    if "gate" in plan["stages"] and labels:
-        result = pipeline.gate(cfg, day, labels)
-    else:
+    with _no_retry(f"quality gate for {plan['date']}"):
+        cfg, day = _cfg(plan), _day(plan)
+        needs_labels = any(s.distill.uses_teacher for s in cfg.students)
+        labels = pipeline.find_labels(cfg, day, plan["teacher_version"]) if needs_labels else None
+        result = pipeline.gate(cfg, day, labels) if "gate" in plan["stages"] and labels else None
+    if result is None:
         why = "no student uses teacher labels" if not labels else "stage 'gate' not selected"
         result = {"status": "not_run", "action": "distill", "summary": why}
         if labels:  # no gate, but the fallback stays visible
@@ -317,6 +443,7 @@ def quality_gate(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
 def train_student(plan: dict[str, Any], name: str, **context: Any) -> dict[str, Any]:
     """Progressive-evaluate student ``name`` on D, then warm-start and train it on D, as the
     gate decided. Runs after the gate whatever its state; without a decision it fails."""
+    plan = _require_plan(plan, "train_student")
     _label(name)
     decision = context["ti"].xcom_pull(task_ids=GATE_TASK_ID, key=DECISION_KEY)
     if not decision or decision.get("date") != plan["date"]:
@@ -327,9 +454,10 @@ def train_student(plan: dict[str, Any], name: str, **context: Any) -> dict[str, 
         raise AirflowSkipException(f"gate {decision['status']}: students do not train on {plan['date']}")
     from kdcore.training import steps
 
-    cfg = _cfg(plan)
-    labels = decision.get("labels_uri") if cfg.student(name).distill.uses_teacher else None
-    out = steps.student_step(cfg, name, _day(plan), labels, action, plan["force"])
+    with _no_retry(f"student '{name}' on {plan['date']}"):
+        cfg = _cfg(plan)
+        labels = decision.get("labels_uri") if cfg.student(name).distill.uses_teacher else None
+        out = steps.student_step(cfg, name, _day(plan), labels, action, plan["force"])
     context["outlet_events"][STUDENTS_ALIAS].add(student_asset(name), extra={
         "date": plan["date"], "student": name, "version": out.get("version"), "uri": out.get("uri"),
         "action": action})
@@ -339,13 +467,20 @@ def train_student(plan: dict[str, Any], name: str, **context: Any) -> dict[str, 
 @task(task_id="report", trigger_rule=TriggerRule.NONE_FAILED)
 def report(plan: dict[str, Any]) -> dict[str, Any]:
     """Rebuild the report (per-day metrics, KD gain, gate figures) over every published day."""
+    plan = _require_plan(plan, "report")
     if "report" not in plan["stages"]:
         raise AirflowSkipException("stage 'report' not selected")
     from kdcore.report.build import build_report
 
-    out = build_report(_cfg(plan))
+    with _no_retry("report"):
+        out = build_report(_cfg(plan))
     log.info("report for %s written to %s\n%s", plan["date"], out["uri"], out.get("markdown", ""))
     stale = out.get("stale_teacher_days") or []
     if stale:
         log.warning("report: %d day(s) labelled by a stale (fallback) teacher: %s", len(stale), ", ".join(stale))
-    return {"uri": out["uri"], "files": out.get("files"), "date": plan["date"], "stale_teacher_days": stale}
+    partial = out.get("not_trained_days") or {}
+    if partial:
+        log.warning("report: %d day(s) on which some models were not trained: %s", len(partial),
+                    "; ".join(f"{d}: {', '.join(m)}" for d, m in partial.items()))
+    return {"uri": out["uri"], "files": out.get("files"), "date": plan["date"], "stale_teacher_days": stale,
+            "not_trained_days": partial, "not_trained": plan.get("not_trained", [])}

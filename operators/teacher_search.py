@@ -8,7 +8,15 @@ Every task is idempotent for the same run id (a retried task resumes or re-reads
 Params are confined before anything is read (``validate_params``): ``config`` must lie in
 the configs folder (``$KD_CONFIG_DIR``, default the repo's ``configs/``), ``root`` at or
 under the config's ``search_root`` or ``$KD_STORAGE_ROOT``, ``run_id`` is one path
-segment. The ``kd teacher search`` CLI does not confine: its user runs the machine."""
+segment. The ``kd teacher search`` CLI does not confine: its user runs the machine.
+
+The search ends in a human-in-the-loop approval (``TeacherApprovalOperator``, Airflow 3.1+
+HITL): it shows the ranked candidates with their gains and 95% intervals and the diff of
+the winner's teacher block, and offers ``Promote <candidate>`` for every ranked candidate
+plus ``Reject``. Only an approval promotes (``promote_teacher`` calls
+``kdcore.search.promote.promote(..., write=True)`` on ``params.promote_config``, confined to
+the configs folder) and records who approved; Reject, or no answer before the response
+timeout (default option: Reject), writes nothing and the promote task ends skipped."""
 
 from __future__ import annotations
 
@@ -20,8 +28,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import TriggerRule, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "teacher_search.yaml"  # relative to the configs folder
 MAX_RUNGS = 4  # eta=2: enough for up to 8 candidates (8 -> 4 -> 2 -> 1)
 TRAIN_TIMEOUT = dt.timedelta(hours=2)
+DEFAULT_PROMOTE_CONFIG = "demo.yaml"  # the daily pipeline's config, relative to the configs folder
+APPROVAL_TIMEOUT_MINUTES = 24 * 60  # default wait for a human answer; Reject when it passes
+MAX_APPROVAL_TIMEOUT_MINUTES = 7 * 24 * 60
+REJECT = "Reject"
+MAX_OPTIONS = 12  # the winner and the next ranked candidates (plus Reject)
 
 
 def config_dir() -> Path:
@@ -47,6 +61,20 @@ def _config_path(value: str | None) -> str:
     if not path.is_absolute():
         path = REPO_ROOT / path if path.parts and path.parts[0] == "configs" else base / path
     return str(confine_path(path, base, "params.config"))
+
+
+def promote_config_path(value: str | None) -> str:
+    """params.promote_config (the pipeline config whose teacher block a promotion rewrites)
+    as a real path inside ``config_dir()``: the same rules as params.config (relative to the
+    configs folder, ``configs/<file>`` accepted, ``..`` and symlinks resolved before the
+    check). SpecError naming ``params.promote_config`` otherwise; nothing is read."""
+    from kdcore.paths import confine_path
+
+    base = config_dir()
+    path = Path(value or DEFAULT_PROMOTE_CONFIG)
+    if not path.is_absolute():
+        path = REPO_ROOT / path if path.parts and path.parts[0] == "configs" else base / path
+    return str(confine_path(path, base, "params.promote_config"))
 
 
 def allowed_roots(cfg: Any) -> list[str]:
@@ -109,6 +137,10 @@ def setup(**context: Any) -> str:
 
     try:
         cfg, run_id = validate_params(context["params"], context["dag_run"].run_id)
+        if context["params"].get("request_approval", True):  # fail fast, not after the search
+            target = promote_config_path(context["params"].get("promote_config"))
+            if not Path(target).is_file():
+                raise KDError(f"params.promote_config: {target} does not exist")
     except KDError as e:
         raise AirflowFailException(str(e)) from None
     out = setup_run(cfg, run_id)
@@ -154,3 +186,181 @@ def report(run: str, **context: Any) -> dict[str, Any]:
     out = finish_run(run, command=f"airflow dag kd_teacher_search run {context['dag_run'].run_id}")
     log.info("teacher search result: %s", out)
     return out
+
+
+# ---------------------------------------------------------------- approval and promotion
+
+
+def approval_options(result: Mapping[str, Any]) -> dict[str, str | None]:
+    """HITL option label -> candidate id (None for Reject), best first: ``Promote <winner>
+    (winner)``, ``Promote <id>`` for the next ranked candidates with scored days, ``Reject``.
+    Deterministic in the result, so the resumed task rebuilds the same mapping."""
+    from kdcore.search.promote import ranked_ids
+
+    out: dict[str, str | None] = {}
+    for cid in ranked_ids(dict(result))[:MAX_OPTIONS]:
+        out[f"Promote {cid}" + (" (winner)" if cid == result.get("winner") else "")] = cid
+    out[REJECT] = None
+    return out
+
+
+def _cell(x: Any, digits: int = 4) -> str:
+    import math
+
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def approval_text(result: Mapping[str, Any], config: str, preview: Mapping[str, Any] | None,
+                  timeout_minutes: float) -> tuple[str, str]:
+    """(subject, Markdown body) of the approval request: the ranked candidates with their
+    NE/AUC gains and 95% intervals, what a promotion writes, and the winner's diff."""
+    from kdcore.evaluation.stats import fmt_ci
+
+    st = result.get("summary") or {}
+    win = result.get("winner")
+    rows = {r["id"]: r for r in result.get("ranking") or []}
+    wg = rows.get(win, {}).get("ne_gain") or {"days": 0}
+    subject = (f"Promote teacher `{win}` from search `{result.get('run_id')}`? "
+               f"Student NE gain {fmt_ci(wg)}")
+    lines = [f"### Teacher search `{result.get('run_id')}`: promote a teacher into `{Path(config).name}`?", "",
+             f"- score: proxy student's progressive NE gain over the control on task `{st.get('task')}` "
+             "(control NE - student NE, higher is better; tie-break AUC gain), 95% paired bootstrap "
+             "interval over days; the teacher's own NE is shown, never used to rank",
+             f"- budget {st.get('budget_seconds')} s ({st.get('budget_kind')}), spent {st.get('spent_seconds')} s; "
+             f"{st.get('candidates')} candidates, {len(result.get('rungs') or [])} rungs; stop: {st.get('stop_reason')}",
+             "",
+             "| rank | candidate | status | rung | KD days | NE gain [95% CI] | AUC gain [95% CI] "
+             "| teacher NE (own) | seconds | params | FLOPs/ex |",
+             "|---:|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
+    for r in result.get("ranking") or []:
+        lines.append(f"| {r['rank']} | `{r['id']}` | {r['status']} | {r['rung']} | {r['ne_gain']['days']} "
+                     f"| {fmt_ci(r['ne_gain'])} | {fmt_ci(r['auc_gain'])} | {_cell(r.get('teacher_ne'))} "
+                     f"| {r['seconds']:.1f} | {r['params'] or 0:,} | {r['flops_per_example'] or 0:,} |")
+    lines.append("")
+    if wg.get("days") and wg["lo"] <= 0.0 <= wg["hi"]:
+        lines.append(f"**Caution:** the winner's NE-gain interval includes 0: `{win}` is not shown to help "
+                     "the student on this evidence.")
+    if wg.get("days") and wg["hi"] < 0.0:
+        lines.append(f"**Caution:** the winner's NE gain is negative (interval below 0): distillation from "
+                     f"`{win}` hurt the proxy student.")
+    lines += ["", f"**Promote &lt;candidate&gt;** rewrites only the top-level `teacher:` block of `{config}` "
+              "(new teacher name, model of that candidate) and records who approved. Bootstrap the new teacher "
+              "(`kd bootstrap`) with the candidate's window before the next daily run.",
+              f"**Reject**, or no answer within {timeout_minutes:g} minutes, writes nothing."]
+    if preview is not None:
+        lines += ["", f"Diff if `{win}` is promoted:", "", "```diff", preview.get("diff", "").rstrip(), "```"]
+    uris = result.get("uris") or {}
+    if uris:
+        lines += ["", f"Report: `{uris.get('markdown')}`; plot: `{uris.get('plot')}`; result: `{uris.get('result')}`"]
+    return subject, "\n".join(lines) + "\n"
+
+
+def _search_result(context: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The search result (result.json) of this DAG run, via the report task's XCom."""
+    from kdcore.search.runner import read_json
+
+    out = context["ti"].xcom_pull(task_ids="report")
+    if not out or not out.get("result"):
+        return None, None
+    return read_json(out["result"]), out["result"]
+
+
+class TeacherApprovalOperator(HITLOperator):
+    """Human-in-the-loop approval of the search result. The options are built at run time
+    from the result (``approval_options``): ``Promote <candidate>`` per ranked candidate and
+    ``Reject`` (also the default taken when the response timeout passes). The task returns
+    the decision (``approve`` / ``reject`` / ``timeout``), the candidate (None unless
+    approved) and the respondent; it promotes nothing itself."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("subject", "Promote the teacher search winner?")
+        kwargs.setdefault("options", [REJECT])  # replaced at run time by the ranked candidates
+        kwargs.setdefault("defaults", [REJECT])
+        kwargs.setdefault("response_timeout", dt.timedelta(minutes=APPROVAL_TIMEOUT_MINUTES))
+        super().__init__(**kwargs)
+
+    def _setup_options(self, result: Mapping[str, Any]) -> dict[str, str | None]:
+        opts = approval_options(result)
+        self.options, self.defaults, self.multiple = list(opts), [REJECT], False
+        return opts
+
+    def execute(self, context: Any) -> Any:
+        from kdcore.errors import KDError
+        from kdcore.search.promote import promote
+
+        params = context["params"]
+        if not params.get("request_approval", True):
+            log.info("NOT PROMOTED: approval not requested (params.request_approval=false); nothing is written")
+            raise AirflowSkipException("approval not requested")
+        result, uri = _search_result(context)
+        if not result or not result.get("winner"):
+            log.info("NOT PROMOTED: the search has no winner; nothing to approve")
+            raise AirflowSkipException("no winner")
+        minutes = float(params.get("approval_timeout_minutes") or APPROVAL_TIMEOUT_MINUTES)
+        self.response_timeout = dt.timedelta(minutes=min(minutes, MAX_APPROVAL_TIMEOUT_MINUTES))
+        try:
+            config = promote_config_path(params.get("promote_config"))
+            preview = promote(uri, config, write=False)  # also proves the winner's block validates
+        except KDError as e:
+            raise AirflowFailException(str(e)) from None
+        self._setup_options(result)
+        self.subject, self.body = approval_text(result, config, preview, minutes)
+        log.info("asking for approval: options %s, default %s after %s", self.options, self.defaults,
+                 self.response_timeout)
+        return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        result, uri = _search_result(context)
+        if not result:
+            raise AirflowFailException("the search result is gone: cannot resolve the approval")
+        opts = self._setup_options(result)
+        ret = super().execute_complete(context=context, event=event)
+        chosen = ret["chosen_options"][0]
+        user = ret.get("responded_by_user")
+        timedout = bool(event.get("timedout")) or user is None
+        cid = None if timedout else opts.get(chosen)
+        decision = "timeout" if timedout else ("reject" if cid is None else "approve")
+        at = ret.get("responded_at")
+        out = {"decision": decision, "candidate": cid, "chosen_option": chosen,
+               "responded_by": dict(user) if user else None,
+               "responded_at": at.isoformat() if hasattr(at, "isoformat") else at,
+               "result": uri, "winner": result.get("winner"), "search_run_id": result.get("run_id")}
+        log.info("approval decision: %s", out)
+        return out
+
+
+@task(task_id="promote", retries=0, execution_timeout=dt.timedelta(minutes=10))
+def promote_teacher(decision: Mapping[str, Any] | None, **context: Any) -> dict[str, Any]:
+    """Promote the approved candidate: rewrite the teacher block of params.promote_config
+    (confined to the configs folder) and record who approved next to the search result.
+    Rejected or timed out: nothing is written, the task ends skipped."""
+    from kdcore.errors import KDError
+    from kdcore.search.promote import promote
+    from kdcore.search.runner import write_json
+    from kdcore.storage import fs as sfs
+
+    if not decision or decision.get("decision") != "approve" or not decision.get("candidate"):
+        why = (decision or {}).get("decision", "no decision")
+        who = ((decision or {}).get("responded_by") or {}).get("name")
+        msg = (f"NOT PROMOTED: {why}" + (f" by {who}" if who else "")
+               + "; the pipeline config is unchanged")
+        log.info(msg)
+        raise AirflowSkipException(msg)
+    user = decision["responded_by"]
+    try:
+        config = promote_config_path(context["params"].get("promote_config"))
+        out = promote(decision["result"], config, write=True, candidate=decision["candidate"],
+                      approved_by=user.get("name") or user.get("id"))
+    except KDError as e:
+        raise AirflowFailException(str(e)) from None
+    dag_run_id = context["dag_run"].run_id
+    record = {**out, "approved_by": user, "responded_at": decision.get("responded_at"),
+              "chosen_option": decision.get("chosen_option"), "dag_run_id": dag_run_id,
+              "search_result": decision["result"]}
+    run = decision["result"].rsplit("/report/", 1)[0]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", dag_run_id).lstrip(".-")[:100] or "run"
+    record["record"] = sfs.join(run, "promotions", f"{safe}.json")
+    write_json(record["record"], record)
+    log.info("PROMOTED %s into %s (teacher %s, written %s), approved by %s; record %s", out["candidate"],
+             out["config"], out["teacher_name"], out["written"], user, record["record"])
+    return record

@@ -19,6 +19,11 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$REPO/.venv/bin:$PATH"
 export KD_PIPELINE_CONFIG="${KD_PIPELINE_CONFIG:-$REPO/configs/demo.yaml}"
 export KD_STORAGE_ROOT="${KD_STORAGE_ROOT:-$REPO/${DEMO_ROOT:-var/demo}}"
+# wait_for_examples: a finite, declared wait (the DAG default is 4 h). The scheduled run that
+# unpausing creates for yesterday (wall clock) finds no MovieLens data: it fails after 30 min
+# with a message naming the missing partition, and never blocks ad hoc runs (max_active_runs 3).
+export KD_SENSOR_TIMEOUT_SECONDS="${KD_SENSOR_TIMEOUT_SECONDS:-1800}"
+export KD_SENSOR_POKE_SECONDS="${KD_SENSOR_POKE_SECONDS:-60}"
 mkdir -p "$AIRFLOW_HOME"
 .venv/bin/airflow db migrate >/dev/null
 .venv/bin/airflow pools set kd_training 2 "KD training (teacher + students)" >/dev/null

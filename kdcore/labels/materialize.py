@@ -8,6 +8,7 @@ trained through, the label staleness and the row count."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from kdcore.storage.manifest import FileEntry, Manifest
 from kdcore.training.loop import predict, set_determinism
 
 LABEL_DTYPE = pa.float32()
+log = logging.getLogger(__name__)
 
 
 def choose_teacher(cfg: PipelineConfig, day: dt.date, version: str | None = None) -> registry.Checkpoint:
@@ -101,8 +103,12 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
     m = part.publish_batches(uri, schema, batches(), {**meta, "shard": shard, "shards": shards})
     if m.rows != hi - lo:
         raise StorageError(f"{uri}: wrote {m.rows} label rows, expected {hi - lo}")
+    seconds = time.perf_counter() - start
+    log.info("labels %s shard %d/%d: %d rows (examples %d-%d) scored by teacher %s (trained through %s, "
+             "staleness %d day(s)) in %.2f s, %.0f rows/s", day, shard, shards, m.rows, lo, hi, teacher.version,
+             teacher.trained_through, meta["staleness_days"], seconds, (m.rows or 0) / max(seconds, 1e-9))
     return {"uri": uri, "rows": m.rows, "teacher_version": teacher.version,
-            "seconds": round(time.perf_counter() - start, 3)}
+            "seconds": round(seconds, 3)}
 
 
 def _check_finite(preds: dict[str, np.ndarray], version: str, day: dt.date) -> None:
@@ -171,6 +177,10 @@ def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int)
                         schema_b64=schema_b64,
                         metadata={**label_metadata(cfg, teacher, day, digest), "shards": shards})
     changed = part.commit_manifest(uri, manifest, base)
+    log.info("labels %s: committed %d rows across %d shard(s) from teacher %s (staleness %d day(s)%s)%s",
+             day, rows, shards, teacher_version, manifest.metadata["staleness_days"],
+             ", STALE FALLBACK teacher" if manifest.metadata["teacher_stale"] else "",
+             "" if changed else "; identical to the labels already committed")
     return {"uri": uri, "rows": rows, "teacher_version": teacher_version, "changed": changed,
             "staleness_days": manifest.metadata["staleness_days"],
             "teacher_stale": manifest.metadata["teacher_stale"], "bytes": manifest.bytes}
@@ -189,6 +199,8 @@ def materialize(cfg: PipelineConfig, day: dt.date, teacher_version: str | None =
     if not force and part.is_published(uri):
         m = part.read_manifest(uri)
         if m.metadata.get("examples_sha256") == current:  # same teacher, same examples: same labels
+            log.info("labels %s: reusing %d rows already committed by teacher %s for these examples", day, m.rows,
+                     version)
             return {"uri": uri, "rows": m.rows, "teacher_version": version, "changed": False, "reused": True,
                     "staleness_days": m.metadata.get("staleness_days"),
                     "teacher_stale": m.metadata.get("teacher_stale"), "bytes": m.bytes}

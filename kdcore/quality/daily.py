@@ -98,11 +98,25 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
                     "the label policy expects %d", day, teacher.version, lineage.trained_through, staleness,
                     lineage.expected_staleness_days)
     log.log(logging.WARNING if decision.status != "pass" else logging.INFO, "%s: %s", day, summary)
+    log.info("%s: gate checks (teacher %s, %d day(s) stale, labels %s):\n%s", day, teacher.version, staleness,
+             _relative(cfg.root, labels_uri), check_table(checks_all))
     return {"status": decision.status, "action": decision.action, "summary": summary, "uri": uri,
             "data_docs": sfs.join(uri, manifest.file("data_docs/index.html").path) if "index.html" in docs else None,
             "teacher_version": teacher.version, "teacher_stale": lineage.stale, "staleness_days": staleness,
             "expected_staleness_days": lineage.expected_staleness_days,
             "checks": {c.name: {"value": c.value, "status": c.status} for c in checks_all}}
+
+
+def check_table(checks: list[CheckResult], detail_chars: int = 90) -> str:
+    """The gate's checks as a small fixed-width table (one row per check) for the task log."""
+    def num(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4g}"
+
+    rows = [("check", "status", "value", "warn", "fail", "detail")]
+    rows += [(c.name, c.status.upper(), num(c.value), num(c.warn), num(c.fail),
+              c.detail if len(c.detail) <= detail_chars else c.detail[:detail_chars - 3] + "...") for c in checks]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  " + "  ".join(v.ljust(w) for v, w in zip(r[:5], widths)) + "  " + r[5] for r in rows)
 
 
 def teacher_lineage(meta: dict[str, Any], teacher: registry.Checkpoint, label_lag_days: int) -> TeacherLineage:

@@ -18,10 +18,13 @@ metric graphs, Jinja compilation for the Data Docs pages), not the data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,15 +36,57 @@ from kdcore.data.spec import DatasetSpec
 from kdcore.quality.profile import CategoricalProfile, Profile
 from kdcore.quality.shift import ShiftReport
 
+GX_LOGGER = "great_expectations"
+# Warnings GX (and what it imports) emits on import or on every run; none of them is ours to act on.
+_NOISY_WARNINGS: list[tuple[str, type[Warning], str]] = [
+    # (message regex, category, module regex)
+    (r".*", DeprecationWarning, r"great_expectations(\.|$)"),
+    (r".*", PendingDeprecationWarning, r"great_expectations(\.|$)"),
+    (r".*", FutureWarning, r"great_expectations(\.|$)"),
+    (r"Please install grpcio-status", ImportWarning, r""),
+    (r"module 'sre_(constants|parse)' is deprecated", DeprecationWarning, r""),
+]
+
+
+@contextlib.contextmanager
+def quiet_gx(level: int = logging.WARNING) -> Iterator[None]:
+    """GX logs ~220 INFO lines per process (public-API registration on import, "Multiple
+    declarations of metric ...", "Created temporary directory ...") that drown a task log.
+    For the duration of the block: the ``great_expectations`` logger, and any of its
+    children GX gave an explicit level below ``level`` (it sets some to INFO), log at
+    ``level`` and up only; GX's known noisy warnings are ignored. Everything is restored on
+    exit, so logging set up by the caller is left as it was."""
+    manager = logging.Logger.manager
+    saved: dict[str, int] = {}
+
+    def lower(lg: logging.Logger) -> None:
+        if lg.level < level:
+            saved[lg.name] = lg.level
+            lg.setLevel(level)
+
+    lower(logging.getLogger(GX_LOGGER))
+    for name, lg in list(manager.loggerDict.items()):
+        # children left at NOTSET inherit the parent's level; explicit ones need their own
+        if name.startswith(GX_LOGGER + ".") and isinstance(lg, logging.Logger) and lg.level != logging.NOTSET:
+            lower(lg)
+    with warnings.catch_warnings():
+        for message, category, module in _NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        try:
+            yield
+        finally:
+            for name, old in saved.items():
+                logging.getLogger(name).setLevel(old)
+
+
 os.environ["GX_ANALYTICS_ENABLED"] = "false"  # no analytics (no network); must precede the GX import
 
-import great_expectations as gx  # noqa: E402
-import great_expectations.expectations as gxe  # noqa: E402
-from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: E402
-from great_expectations.core.run_identifier import RunIdentifier  # noqa: E402
-from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
-
-logging.getLogger("great_expectations").setLevel(logging.ERROR)
+with quiet_gx():  # importing GX logs one INFO line per public API it registers (214 of them)
+    import great_expectations as gx  # noqa: E402
+    import great_expectations.expectations as gxe  # noqa: E402
+    from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: E402
+    from great_expectations.core.run_identifier import RunIdentifier  # noqa: E402
+    from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
 
 SITE_NAME = "kd_local_site"
 SHIFT_META_KEY = "kd_shift"
@@ -171,7 +216,14 @@ def validate_day(data: pa.Table, profile: Profile, spec: DatasetSpec, shift_repo
                  docs_dir: str | Path, options: SuiteOptions | None = None,
                  run_name: str | None = None) -> ExpectationResult:
     """Validate day D with the profile-derived suite and write the Data Docs site into
-    `docs_dir`. Returns the outcome; a failing suite is a result, not an exception."""
+    `docs_dir`. Returns the outcome; a failing suite is a result, not an exception. GX's
+    INFO logging and its known warnings are silenced while it runs (see `quiet_gx`)."""
+    with quiet_gx():
+        return _validate_day(data, profile, spec, shift_report, docs_dir, options, run_name)
+
+
+def _validate_day(data: pa.Table, profile: Profile, spec: DatasetSpec, shift_report: ShiftReport | None,
+                  docs_dir: str | Path, options: SuiteOptions | None, run_name: str | None) -> ExpectationResult:
     docs_dir = Path(docs_dir).resolve()
     docs_dir.mkdir(parents=True, exist_ok=True)
     ctx = _context(docs_dir)

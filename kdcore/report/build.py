@@ -14,7 +14,7 @@ import numpy as np
 
 from kdcore.config import PipelineConfig
 from kdcore.evaluation.stats import fmt_ci, paired_diff
-from kdcore.report.collect import gate_rows, metric_rows, model_rows
+from kdcore.report.collect import gate_rows, metric_rows, model_rows, not_trained
 from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 
@@ -163,11 +163,23 @@ def _stale_md(cfg: PipelineConfig, rows, gates) -> list[str]:
     return lines
 
 
-def _markdown(cfg: PipelineConfig, rows, gains, gates, models: list[dict[str, Any]] | None = None) -> str:
+def _not_trained_md(partial: dict[str, list[str]] | None) -> list[str]:
+    lines = ["", "## Models not trained", ""]
+    if not partial:
+        return lines + ["None: on every day some model was trained, every model was trained."]
+    lines += [f"{len(partial)} day(s) on which some models were not trained (a partial run: a subset of students "
+              "or stages, or a failed task). Their lineage skips the day: the next day warm-starts from the "
+              "newest checkpoint before it.", ""]
+    lines += [f"- {day}: not trained: {', '.join(models)}" for day, models in partial.items()]
+    return lines
+
+
+def _markdown(cfg: PipelineConfig, rows, gains, gates, models: list[dict[str, Any]] | None = None,
+              partial: dict[str, list[str]] | None = None) -> str:
     lines = [f"# KD report: {cfg.spec.name}", "", *_models_md(cfg, models or [])]
     days = sorted({r["date"] for r in rows})
     if not days:
-        tail = _stale_md(cfg, rows, gates) if gates else []
+        tail = (_stale_md(cfg, rows, gates) if gates else []) + (_not_trained_md(partial) if partial else [])
         return "\n".join(lines + ["No progressive metrics yet: run at least one day after bootstrap.", *tail])
     lines += [f"Progressive validation over {len(days)} days ({days[0]} .. {days[-1]}).", "",
               "## KD gain against the control (student - control, mean over days, 95% bootstrap interval)", "",
@@ -202,24 +214,30 @@ def _markdown(cfg: PipelineConfig, rows, gains, gates, models: list[dict[str, An
                          f"{_fallback(g.get('teacher_stale'))} | {f('psi')} | {f('js')} | "
                          f"{_days(g.get('staleness_days'))} |")
     lines += _stale_md(cfg, rows, gates)
+    lines += _not_trained_md(partial)
     lines += ["", "## Per day", "", "| date | model | task | auc | gauc | ne | calibration | rmse |", "|---|---|---|---|---|---|---|---|"]
+    per_day = []
     for r in rows:
         def f(k, r=r):
             v = r.get(k)
             return f"{v:.4f}" if isinstance(v, float) else ""
-        lines.append(f"| {r['date']} | {r['model']} | {r['task']} | {f('auc')} | {f('gauc')} | {f('ne')} | "
-                     f"{f('calibration')} | {f('rmse')} |")
+        per_day.append(((r["date"], r["model"]), f"| {r['date']} | {r['model']} | {r['task']} | {f('auc')} | "
+                                                 f"{f('gauc')} | {f('ne')} | {f('calibration')} | {f('rmse')} |"))
+    for day, missing in (partial or {}).items():  # a partial run's gap, in place
+        per_day += [((day, model), f"| {day} | {model} | — | not trained | | | | |") for model in missing]
+    lines += [line for _, line in sorted(per_day, key=lambda x: x[0])]
     return "\n".join(lines) + "\n"
 
 
 def build_report(cfg: PipelineConfig, out: str | None = None) -> dict[str, Any]:
     rows, gates, models = metric_rows(cfg), gate_rows(cfg), model_rows(cfg)
+    partial = not_trained(cfg)
     gains = kd_gains(cfg, rows)
-    md = _markdown(cfg, rows, gains, gates, models)
+    md = _markdown(cfg, rows, gains, gates, models, partial)
     blobs = {"report.md": md.encode(), "metrics.csv": _csv(rows), "kd_gain.csv": _csv(gains),
              "models.csv": _csv(models),
              "gate.csv": _csv(gates), **_plot(cfg, rows, gates)}
     uri = out or sfs.join(cfg.root, "reports", cfg.spec.name)
     part.publish_blobs(uri, blobs, {"kind": "report", "days": len({r['date'] for r in rows})})
     return {"uri": uri, "markdown": md, "gains": gains, "files": sorted(blobs),
-            "stale_teacher_days": list(stale_days(rows, gates))}
+            "stale_teacher_days": list(stale_days(rows, gates)), "not_trained_days": partial}

@@ -98,3 +98,20 @@ def model_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
                      "steps_total": meta.get("steps_total"),
                      **{f"loss_share:{t}": v for t, v in ((meta.get("train") or {}).get("loss_share") or {}).items()}})
     return rows
+
+
+def not_trained(cfg: PipelineConfig) -> dict[str, list[str]]:
+    """Per date on which some model (teacher, student or control) was trained, the models
+    that were not: a partial run (a subset of students, a stage left out) or a failed
+    task. Only dates after a model's first checkpoint count (a model added later is not
+    'missing' before it existed). A lineage skips such a date silently (the next day
+    warm-starts from the newest checkpoint before it); the report lists it."""
+    names = [cfg.teacher.name, *[s.name for s in cfg.all_students()]]
+    trained = {n: set(registry.list_checkpoints(cfg.root, cfg.spec.name, n)) for n in names}
+    dates = sorted(set().union(*trained.values())) if trained else []
+    out: dict[str, list[str]] = {}
+    for day in dates:
+        missing = [n for n in names if trained[n] and min(trained[n]) < day and day not in trained[n]]
+        if missing:
+            out[day.isoformat()] = missing
+    return out

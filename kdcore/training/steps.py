@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import time
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from kdcore.training.data import DayData, load_days
 from kdcore.training.loop import NO_KD, evaluate, fit, model_features, new_model, predict, set_determinism
 
 GateAction = Literal["distill", "hard_labels_only", "skip_students"]
+log = logging.getLogger(__name__)
 
 
 def _seed(cfg: RankerConfig, day: dt.date) -> int:
@@ -78,9 +80,17 @@ def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: Ran
     the quality gate compares with the students' day."""
     start = time.perf_counter()
     model, opt, steps_before = _warm_or_cold(cfg, parent, model_cfg, aux, data, day)
+    tag = f"{name} {day}"
+    n_days = len(data.days)
+    log.info("%s: training %s (%s) on %d rows%s; %s; %d epoch(s), batch %d, lr %g (%s), distill mode %s",
+             tag, name, role, len(data), f" ({n_days} days)" if n_days > 1 else "",
+             f"warm start from {parent.version} (lifetime steps {steps_before})" if parent else "cold start",
+             epochs or model_cfg.epochs, model_cfg.batch_size, model_cfg.lr, model_cfg.lr_policy.kind, distill.mode)
     metrics = evaluate(model, data) if (progressive and parent is not None) else None
+    if metrics:
+        log.info("%s: progressive (parent on %s before training): %s", tag, day, _describe_metrics(metrics))
     train = fit(model, model_features(model, data), data.hard, soft, distill,
-                seed=_seed(model_cfg, day), epochs=epochs, optimizer=opt, start_step=steps_before)
+                seed=_seed(model_cfg, day), epochs=epochs, optimizer=opt, start_step=steps_before, tag=tag)
     rows_seen = (parent.meta.get("rows_seen", 0) if parent else 0) + len(data)
     meta = {"role": role, "dataset": cfg.spec.name, "parent": parent.version if parent else None,
             "progressive": {"date": day.isoformat(), "metrics": metrics} if metrics else None,
@@ -94,8 +104,21 @@ def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: Ran
         window = max(cfg.gate.profile_window_days, len(data.days))
         blobs = {PROFILE: window_profile(cfg.root, cfg.spec, day, window)}
     ckpt = registry.publish_checkpoint(cfg.root, cfg.spec.name, name, day, model, meta, blobs, optimizer=opt)
+    log.info("%s: published %s (parent %s): %d steps today, lifetime steps %d, rows seen %d, %.2f s",
+             tag, ckpt.version, meta["parent"] or "none, cold start", train["steps_total"] - steps_before,
+             train["steps_total"], rows_seen, time.perf_counter() - start)
     return {"name": name, "version": ckpt.version, "uri": ckpt.uri, "parent": meta["parent"],
             "trained_through": day.isoformat(), "progressive": metrics, "skipped": False}
+
+
+def _describe_metrics(metrics: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{task} " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float)))
+                     for task, m in metrics.items())
+
+
+def _log_reused(name: str, day: dt.date, ckpt: registry.Checkpoint) -> None:
+    log.info("%s %s: %s already trained from the same parent and inputs; reused, nothing trained",
+             name, day, ckpt.version)
 
 
 def _summary(ckpt: registry.Checkpoint, reused: bool = True) -> dict[str, Any]:
@@ -122,6 +145,7 @@ def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict
     # keyed on its inputs: re-published examples retrain the day (and, by lineage, the days after)
     fp = {"model": t.model.model_dump(mode="json"), "examples": checked["examples_sha256"]}
     if not force and (ckpt := _existing(cfg, t.name, day, parent, fp)):
+        _log_reused(t.name, day, ckpt)
         return _summary(ckpt)
     data = load_days(cfg.root, cfg.spec, [day])
     return _train_and_publish(cfg, t.name, "teacher", t.model, [], day, data, parent, NO_KD, None, {}, fp)
@@ -135,6 +159,7 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
     s: StudentConfig = cfg.student(name)
     role = "control" if name in cfg.controls() else "student"
     if action == "skip_students":
+        log.info("%s %s: skipped: gate said skip_students (nothing trained or published)", name, day)
         return {"name": name, "skipped": True, "reason": "gate: skip_students", "trained_through": None}
     checked = ensure_valid(cfg.root, cfg.spec, day)
     parent = registry.parent_for(cfg.root, cfg.spec.name, name, day)
@@ -148,7 +173,12 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
           # keyed on the content of its inputs: changed examples or labels retrain the day
           "examples": checked["examples_sha256"],
           "labels_sha256": part.manifest_digest(part.read_manifest(labels_uri)) if use_kd and labels_uri else None}
+    if not use_kd:
+        log.info("%s %s: %s", name, day, _kd_mode(cfg, s, role, action))
     if not force and (ckpt := _existing(cfg, name, day, parent, fp)):
+        if use_kd:
+            log.info("%s %s: %s (labels %s)", name, day, _kd_mode(cfg, s, role, action), _relative(cfg, labels_uri))
+        _log_reused(name, day, ckpt)
         return _summary(ckpt)
     data = load_days(cfg.root, cfg.spec, [day])
     soft, extra = None, {"gate_action": action, "kd_applied": use_kd, "distill_mode": s.distill.mode}
@@ -164,8 +194,26 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
                      label_staleness_days=joined.metadata.get("staleness_days"),
                      label_teacher_stale=joined.metadata.get("teacher_stale"),
                      labels_path=_relative(cfg, labels_uri), labels_missing=joined.missing)
+        staleness, stale = joined.metadata.get("staleness_days"), joined.metadata.get("teacher_stale")
+        log.info("%s %s: %s from teacher %s labels (staleness %s day%s%s); labels joined %d rows, missing %d%s",
+                 name, day, _kd_mode(cfg, s, role, action), joined.metadata.get("teacher_version"), staleness,
+                 "" if staleness == 1 else "s", ", STALE FALLBACK teacher" if stale else "", len(data),
+                 joined.missing, " (dropped: trains on the labelled rows only)" if joined.missing else "")
     return _train_and_publish(cfg, name, role, s.model, aux_tasks(cfg, s.distill), day, data, parent, distill,
                               soft, extra, fp)
+
+
+def _kd_mode(cfg: PipelineConfig, s: StudentConfig, role: str, action: GateAction) -> str:
+    """What the student does with the teacher today, in words (the log's KD-mode line)."""
+    if role == "control":
+        return "control: no teacher (control)"
+    if not s.distill.uses_teacher:
+        return "hard labels only: distill mode 'none' (no teacher)"
+    if action == "hard_labels_only":
+        return f"hard labels only: gate said hard_labels_only (distill mode '{s.distill.mode}' not applied)"
+    tasks = s.distill.distilled_tasks(cfg.spec.served_tasks, [t.name for t in cfg.spec.tasks])
+    how = "auxiliary heads" if s.distill.mode == "auxiliary" else f"{s.distill.mode} on the serving heads"
+    return f"distilling ({how}, tasks [{', '.join(tasks)}])"
 
 
 def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
