@@ -176,14 +176,23 @@ def student_train(args: argparse.Namespace) -> int:
 @arg(*CONFIG[0], **CONFIG[1])
 @arg("--from", dest="start", required=True, type=_day)
 @arg("--to", dest="end", required=True, type=_day)
+@arg("--stages", nargs="+", default=None, metavar="STAGE",
+     help="stages to run (teacher labels gate students report; default: all; the report is built once, "
+          "after the last day)")
 @arg("--quiet", action="store_true", help="print only the final summary")
 def run_cmd(args: argparse.Namespace) -> int:
-    from kdcore.pipeline import run
+    from kdcore.errors import KDError
+    from kdcore.pipeline import STAGES, run
 
-    results = run(_cfg(args), args.start, args.end)
+    stages = args.stages or list(STAGES)
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise KDError(f"--stages: unknown {unknown}; known: {list(STAGES)}")
+    results = run(_cfg(args), args.start, args.end, stages=stages)
     if not args.quiet:
         _print(results)
-    print(json.dumps({"days": len(results), "from": results[0]["date"], "to": results[-1]["date"]}))
+    print(json.dumps({"days": len(results), "from": results[0]["date"], "to": results[-1]["date"],
+                      "report": results[-1].get("report", {}).get("uri")}))
     return 0
 
 

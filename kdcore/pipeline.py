@@ -92,8 +92,17 @@ def run(cfg: PipelineConfig, start: dt.date, end: dt.date, progress: bool = True
     if not days:
         raise KDError(f"no example partitions between {start} and {end}")
     if not progress:
-        return [run_day(cfg, d, **kwargs) for d in days]
-    from tqdm import tqdm
+        results = [run_day(cfg, d, **kwargs) for d in days]
+    else:
+        from tqdm import tqdm
 
-    with tqdm(days, desc="kd run", unit="day") as bar:  # closed (own line) before an error is printed
-        return [run_day(cfg, d, **kwargs) for d in bar]
+        with tqdm(days, desc="kd run", unit="day") as bar:  # closed (own line) before an error is printed
+            results = [run_day(cfg, d, **kwargs) for d in bar]
+    if "report" in set(kwargs.get("stages", STAGES)):
+        # The report covers every published day, so it is built once, after the last day,
+        # not once per day; it is attached to the last day's result.
+        from kdcore.report.build import build_report
+
+        rep = build_report(cfg)
+        results[-1]["report"] = {"uri": rep["uri"], "files": rep.get("files")}
+    return results

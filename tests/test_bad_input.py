@@ -92,6 +92,8 @@ D1 = "{d1}"
 CASES: list[tuple[str, Callable[[KD, Path], list[str]], str]] = [
     ("invalid-date", lambda kd, t: ["run", "--config", str(TINY), "--from", "1998-13-01", "--to", "1998-12-01"],
      r"argument --from: invalid date '1998-13-01': expected YYYY-MM-DD"),
+    ("unknown-stage", lambda kd, t: ["run", "--config", str(TINY), "--from", D1, "--to", D1, "--stages", "teacher",
+                                     "lables"], r"--stages: unknown \['lables'\]; known: \['teacher', 'labels'"),
     ("invalid-date-in-range", lambda kd, t: ["teacher", "refresh", "--config", str(TINY), "--date", "1998-02-30"],
      r"argument --date: invalid date '1998-02-30'"),
     ("binary-label-out-of-range", lambda kd, t: (_poke(kd, "like", 2), ["run", "--config", str(TINY),

@@ -54,10 +54,16 @@ def test_run_days_in_order_then_report(kd: KD):
                 assert meta["teacher_version"] == prev["teacher"]
         prev = {"teacher": r["teacher"]["version"], **{n: s["version"] for n, s in r["students"].items()}}
 
-    rep = build_report(cfg)
     uri = sfs.join(cfg.root, "reports", DS)
+    # `report` is one of run's stages: built once, after the last day, over every day
+    assert "report" not in results[0] and results[-1]["report"]["uri"] == uri
+    built = part.read_manifest(uri)
+    assert {d.isoformat() for d in days} <= {r["date"] for r in csv.DictReader(io.StringIO(
+        part.read_blob(uri, "metrics.csv").decode()))}
+    rep = build_report(cfg)
     assert rep["uri"] == uri
     manifest = part.read_manifest(uri)
+    assert part.manifest_digest(manifest) == part.manifest_digest(built)  # same inputs, same report bytes
     published = {f.name for f in manifest.files}
     assert {"report.md", "metrics.csv", "kd_gain.csv", "gate.csv", "metrics_like.png",
             "metrics_rating.png"} <= published
