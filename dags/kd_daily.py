@@ -3,8 +3,8 @@
 resolve → wait_for_examples → refresh_teacher → choose_teacher → materialize_labels[shard]
 → commit_labels → quality_gate → train_student[name] → report. See docs/airflow.md.
 
-Ad hoc (manual) runs: conf {"date": "YYYY-MM-DD"} is required; name the run after it
-(run id ``kd__<date>__<students or all>``) to see the partition in the run list.
+Ad hoc (manual) runs: conf {"date": "YYYY-MM-DD"} is required. Every run's note names its
+partition (``partition D · students: … · stages: …``, set by the kd_ui plugin's listener).
 Backfills: never set ``date`` (a backfill run with a date, or a reprocessed manual run whose
 interval disagrees with its logical date, fails in ``resolve``).
 Bad params: ``resolve`` fails once, in seconds; downstream tasks skip (no plan).

@@ -211,18 +211,9 @@ def resolve(**context: Any) -> dict[str, Any]:
             "teacher_version": params.get("teacher_version") or None,
             "force": bool(params.get("force")), "shards": cfg.labels.shards}
     log.info("plan for %s: %s", day, plan)
-    log.info("run note: %s", run_note(plan))
     if plan["not_trained"] and "students" in stages:
         log.warning("partial run for %s: students not trained by this run: %s", day, ", ".join(plan["not_trained"]))
     return plan
-
-
-def run_note(plan: dict[str, Any]) -> str:
-    """A one-line summary of the plan (logged by resolve; the docs' run id convention
-    uses the same words): ``partition 1998-02-17 · students: all · stages: all``."""
-    students = ("all" if not plan["not_trained"] else ", ".join(plan["students"]) or "none")
-    stages = "all" if list(plan["stages"]) == list(STAGES) else ", ".join(plan["stages"])
-    return f"partition {plan['date']} · students: {students} · stages: {stages}"
 
 
 @task(task_id="student_fanout")

@@ -88,6 +88,8 @@ def test_backfill_and_adhoc_run(tmp_path):
         assert [r["state"] for r in runs] == ["success"] * N_DATES, [(r["dag_run_id"], r["state"]) for r in runs]
         ends = [r["end_date"] for r in runs]
         assert ends == sorted(ends), "backfill runs did not finish in date order"
+        # the run list names each run's partition (the kd_ui listener's note)
+        assert [r["note"] for r in runs] == [f"partition {d} · students: all · stages: all" for d in dates]
         for a, b in zip(runs, runs[1:]):  # one at a time: D starts after D-1 ended
             assert b["start_date"] >= a["end_date"]
 
@@ -128,6 +130,7 @@ def test_backfill_and_adhoc_run(tmp_path):
         tis = {(t["task_id"], t["map_index"]): t for t in _tis(api, adhoc["dag_run_id"])}
         assert adhoc["state"] == "success", {k: t["state"] for k, t in tis.items()}
         assert adhoc["conf"] == conf
+        assert adhoc["note"] == f"partition {day} · students: student_aux · stages: students"
         students = [t for (task, _), t in tis.items() if task == "train_student"]
         assert [(t["rendered_map_index"], t["state"]) for t in students] == [("student_aux", "success")]
         for task in ("refresh_teacher", "commit_labels", "report"):

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,9 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from kdcore.errors import DataError, KDError, LineageError, SpecError, StorageError
 from tests.pipeline_fixtures import KD, TINY, kd, kd_base  # noqa: F401  (fixtures)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))  # as Airflow's plugin manager does
+from kd_ui.run_notes import partition_note  # noqa: E402
 
 
 class _TI:
@@ -186,7 +190,8 @@ def test_partial_run_is_in_the_plan_and_the_report(kd: KD, monkeypatch):
            "dag_run": SimpleNamespace(run_type="manual"), "data_interval_start": None, "logical_date": None}
     plan = ops.resolve.function(**ctx)
     assert plan["students"] == subset and plan["not_trained"] == rest
-    assert ops.run_note(plan) == f"partition {d1} · students: {subset[0]} · stages: all"
+    # the run list's note (kd_ui's listener) reads the partition the same way resolve does
+    assert partition_note("manual", ctx["params"], None) == f"partition {d1} · students: {subset[0]} · stages: all"
 
     pipeline.run_day(cfg, d1, stages=("teacher", "labels", "gate"))
     from kdcore.training import steps
@@ -211,3 +216,18 @@ def test_full_run_has_no_not_trained_days(kd: KD):
     rep = build_report(kd.cfg)
     assert rep["not_trained_days"] == {}
     assert "None: on every day some model was trained, every model was trained." in rep["markdown"]
+
+
+@pytest.mark.parametrize(("run_type", "conf", "start", "note"), [
+    ("scheduled", {}, dt.datetime(1998, 2, 20, tzinfo=dt.UTC), "partition 1998-02-20 · students: all · stages: all"),
+    ("backfill", None, dt.datetime(1998, 2, 21, tzinfo=dt.UTC), "partition 1998-02-21 · students: all · stages: all"),
+    ("manual", {"date": "1998-02-22", "students": ["a", "b"], "stages": ["students"]}, None,
+     "partition 1998-02-22 · students: a, b · stages: students"),
+    ("asset_triggered", {"date": "1998-02-23"}, dt.datetime(1998, 1, 1, tzinfo=dt.UTC),
+     "partition 1998-02-23 · students: all · stages: all"),
+    ("manual", {}, dt.datetime(1998, 2, 20, tzinfo=dt.UTC), None),  # a manual run's interval is not its partition
+    ("manual", {"date": "1998-02-30"}, None, None),  # resolve fails it; no misleading note
+    ("scheduled", {}, None, None),
+])
+def test_run_note_names_the_partition_resolve_uses(run_type, conf, start, note):
+    assert partition_note(run_type, conf, start) == note

@@ -215,7 +215,9 @@ def test_cli_run_two_days(kd: KD, capsys, pass_gate):
     rc = cli.main(["run", "--config", str(TINY), "--from", d1.isoformat(), "--to", d2.isoformat(), "--quiet"])
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last) == {"days": 2, "from": d1.isoformat(), "to": d2.isoformat()}
+    assert json.loads(last) == {"days": 2, "from": d1.isoformat(), "to": d2.isoformat(),
+                                "report": sfs.join(kd.cfg.root, "reports", DS)}
+    assert part.is_published(sfs.join(kd.cfg.root, "reports", DS))
     for name in MODELS:
         assert registry.list_checkpoints(kd.cfg.root, DS, name) == [kd.B, d1, d2], name
         chain = registry.lineage(kd.cfg.root, DS, name, d2)
