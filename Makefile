@@ -28,7 +28,7 @@ lint: $(STAMP)
 
 # Headless Debian Chromium for tests/test_ui_browser.py (driven by the playwright package; no browser download)
 browser:
-	@test -x /usr/bin/chromium || apt-get install -y chromium
+	@test -x /usr/bin/chromium || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
 
 test: lint browser
 	$(BIN)/python -m pytest -q

@@ -254,7 +254,9 @@ def test_hitl_approval_under_a_real_scheduler(ml_examples, tmp_path):  # noqa: F
         api("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
         timings["up"] = time.monotonic() - t0
 
-        # -- run 1: the whole search, then Reject -> nothing written, promote skipped
+        # -- run 1: the whole search; the form offers the ranked candidates; a person promotes a
+        # non-winner (a person's Reject is the same skip path as the timeout below, and is
+        # covered on the real task in test_approval_task_and_promotion_on_a_real_result)
         run1 = _trigger_until_awaiting(api, conf, comps)
         timings["search+await"] = time.monotonic() - t0
         hitl_path = f"/dags/{DAG_ID}/dagRuns/{run1}/taskInstances/{HITL_TASK}/-1/hitlDetails"
@@ -264,23 +266,14 @@ def test_hitl_approval_under_a_real_scheduler(ml_examples, tmp_path):  # noqa: F
         assert detail["options"][0] == f"Promote {win} (winner)" and detail["options"][-1] == "Reject"
         assert detail["defaults"] == ["Reject"] and not detail["multiple"]
         assert win in detail["subject"] and "NE gain [95% CI]" in detail["body"] and "```diff" in detail["body"]
-        resp = api("PATCH", hitl_path, {"chosen_options": ["Reject"], "params_input": {}})
+        assert pipe.read_text() == original  # nothing promoted while the question waits
+        other = next(o for o in detail["options"] if o.startswith("Promote ") and "(winner)" not in o)
+        chosen = other.removeprefix("Promote ")
+        resp = api("PATCH", hitl_path, {"chosen_options": [other], "params_input": {}})
         assert resp["responded_by"]["name"] == "admin"  # PATCH answers responded_by; GET responded_by_user
         states = _finish(api, run1, comps)
-        assert states[f"{HITL_TASK}[-1]"] == "success" and states["promote[-1]"] == "skipped", states
-        assert pipe.read_text() == original
-        assert not (tmp_path / "s/search/hitl/promotions").exists()
-
-        # -- run 2 (same search run id: the search resumes, nothing retrains): promote another candidate
-        run2 = _trigger_until_awaiting(api, conf, comps)
-        hitl_path = f"/dags/{DAG_ID}/dagRuns/{run2}/taskInstances/{HITL_TASK}/-1/hitlDetails"
-        options = api("GET", hitl_path)["options"]
-        other = next(o for o in options if o.startswith("Promote ") and "(winner)" not in o)
-        chosen = other.removeprefix("Promote ")
-        api("PATCH", hitl_path, {"chosen_options": [other], "params_input": {}})
-        states = _finish(api, run2, comps)
         assert states["promote[-1]"] == "success", states
-        rec = api("GET", f"/dags/{DAG_ID}/dagRuns/{run2}/taskInstances/promote/xcomEntries/return_value"
+        rec = api("GET", f"/dags/{DAG_ID}/dagRuns/{run1}/taskInstances/promote/xcomEntries/return_value"
                          "?deserialize=true")["value"]
         rec = json.loads(rec) if isinstance(rec, str) else rec
         assert rec["written"] and rec["candidate"] == chosen and rec["approved_by"]["name"] == "admin"
@@ -292,12 +285,13 @@ def test_hitl_approval_under_a_real_scheduler(ml_examples, tmp_path):  # noqa: F
         assert cfg.teacher.name == f"teacher_{chosen}" and cfg.teacher.model.hidden == cand["model"]["hidden"]
         assert json.loads(Path(rec["record"].removeprefix("file://")).read_text())["approved_by"]["name"] == "admin"
 
-        # -- run 3: nobody answers before the response timeout -> Reject default, nothing written
+        # -- run 2 (same search run id: the search resumes, nothing retrains): nobody answers before
+        # the response timeout -> Reject default, nothing written
         promoted = pipe.read_text()
-        run3 = _trigger_until_awaiting(api, {**conf, "approval_timeout_minutes": 0.25}, comps)
-        states = _finish(api, run3, comps)
+        run2 = _trigger_until_awaiting(api, {**conf, "approval_timeout_minutes": 0.25}, comps)
+        states = _finish(api, run2, comps)
         assert states[f"{HITL_TASK}[-1]"] == "success" and states["promote[-1]"] == "skipped", states
-        detail = api("GET", f"/dags/{DAG_ID}/dagRuns/{run3}/taskInstances/{HITL_TASK}/-1/hitlDetails")
+        detail = api("GET", f"/dags/{DAG_ID}/dagRuns/{run2}/taskInstances/{HITL_TASK}/-1/hitlDetails")
         assert detail["chosen_options"] == ["Reject"] and detail["responded_by_user"] is None
         assert pipe.read_text() == promoted
         timings["total"] = time.monotonic() - t0
