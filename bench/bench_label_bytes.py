@@ -9,7 +9,7 @@ baseline. Sizes are the compressed Parquet column chunks of the published files.
 
 Prints one line per encoding and task: the codec used, bytes/example/task, bytes/example
 of the ids, the max abs error measured against the float32 teacher output and the bound
-recorded in the manifest, and the label bytes relative to the dictionary baseline.
+recorded in the manifest, and the task's bytes relative to the dictionary baseline.
 
 Run: PYTHONPATH=. .venv/bin/python bench/bench_label_bytes.py [--rows N] [--train-rows N]
 """
@@ -88,17 +88,15 @@ def main() -> None:
         print(f"{n:,} rows; teacher scored in {time.perf_counter() - t0:.1f} s; click p: mean {p.mean():.3f}, "
               f"p1 {np.quantile(p, 0.01):.4f}, p99 {np.quantile(p, 0.99):.4f}; watch_time is unbounded (min only)")
         base = publish(sfs.join(root, "dictionary"), ids, preds, None)
-        base_labels = sum(base["bytes"][t.name] for t in spec.tasks)
         runs = {"dictionary float32 (before)": base}
         for e in enc.ENCODINGS:
             runs[e] = publish(sfs.join(root, e), ids, preds, e)
         for name, r in runs.items():
-            labels = sum(r["bytes"][t.name] for t in spec.tasks)
             for t in spec.tasks:
                 c = r["codecs"][t.name]
                 print(f"{name:28s} {t.name:10s} {c['encoding']:13s} {r['bytes'][t.name] / n:6.3f} B/example/task  "
                       f"ids {r['bytes'][spec.example_id] / n:6.3f} B/example  max abs error {r['errors'][t.name]:.3g} "
-                      f"(bound {c['max_abs_error']:.3g})  labels x{labels / base_labels:.2f} vs dictionary")
+                      f"(bound {c['max_abs_error']:.3g})  x{r['bytes'][t.name] / base['bytes'][t.name]:.2f} vs dictionary")
 
 
 if __name__ == "__main__":
