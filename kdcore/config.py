@@ -14,6 +14,8 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 from kdcore.data.spec import DatasetSpec, load_spec
 from kdcore.distill.config import DistillConfig
 from kdcore.errors import SpecError
+from kdcore.labels.encoding import DEFAULT_LOGIT_EPS
+from kdcore.labels.encoding import Encoding as LabelEncoding
 from kdcore.models.ranker import RankerConfig
 from kdcore.paths import is_safe_name
 from kdcore.quality.gate import GatePolicy
@@ -77,8 +79,18 @@ class Policies(Strict):
 
 
 class LabelsConfig(Strict):
+    """How teacher labels are computed and stored. ``encoding`` trades bytes for a declared
+    worst-case error (kdcore/labels/encoding.py, docs/performance.md): float32 is exact;
+    the others are recorded per task with their error bound in the labels manifest, and
+    changing it recomputes the labels (and retrains the students that read them)."""
+
     shards: int = Field(2, ge=1, le=256)
     batch_rows: int = Field(65_536, ge=1)
+    encoding: LabelEncoding = Field("float32", description=(
+        "float32 (exact), float16, bfloat16, float16_logit or uint8_logit; unbounded regression "
+        "tasks stay float32"))
+    logit_eps: float = Field(DEFAULT_LOGIT_EPS, gt=0.0, lt=0.01, description=(
+        "logit encodings clip p to [eps, 1 - eps] (part of the recorded error bound)"))
 
 
 class BootstrapConfig(Strict):

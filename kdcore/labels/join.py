@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from kdcore.data.spec import DatasetSpec
 from kdcore.errors import DataError
+from kdcore.labels.encoding import decode_labels
 from kdcore.storage import partition as part
 
 
@@ -30,9 +31,11 @@ class JoinedLabels:
 
 
 def read_labels(uri: str, spec: DatasetSpec) -> tuple[pa.Table, dict]:
+    """The committed labels with every task as float32 task values (decoded from the
+    encoding their manifest declares), and the manifest metadata."""
     manifest = part.read_manifest(uri)
     table = part.read_table(uri, columns=[spec.example_id, *[t.name for t in spec.tasks]], manifest=manifest)
-    return table, dict(manifest.metadata)
+    return decode_labels(table, manifest.metadata, spec), dict(manifest.metadata)
 
 
 def join_labels(example_ids: pa.Array, labels: pa.Table, spec: DatasetSpec, source: str,

@@ -3,7 +3,9 @@
 The chosen teacher scores a day's examples in large batches under inference mode; each
 shard (a contiguous row range of the day) is published on its own, then ``commit``
 makes all shards visible at once with a manifest naming the teacher, the date it is
-trained through, the label staleness and the row count."""
+trained through, the label staleness and the row count. Labels are stored in the
+declared ``labels.encoding`` (kdcore/labels/encoding.py); the manifest records each
+task's codec, its error bound and the error measured on the day."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from kdcore.data import examples
 from kdcore.data.spec import DatasetSpec
 from kdcore.data.validate import ensure_valid
 from kdcore.errors import DataError, LineageError, StorageError
+from kdcore.labels import encoding as enc
 from kdcore.labels.store import labels_uri, shard_dir, shard_uri
 from kdcore.models import registry
 from kdcore.models.features import FeatureSet, encode_features
@@ -27,7 +30,6 @@ from kdcore.storage import partition as part
 from kdcore.storage.manifest import FileEntry, Manifest
 from kdcore.training.loop import predict, set_determinism
 
-LABEL_DTYPE = pa.float32()
 log = logging.getLogger(__name__)
 
 
@@ -53,9 +55,13 @@ def choose_teacher(cfg: PipelineConfig, day: dt.date, version: str | None = None
     return ckpt
 
 
-def label_schema(spec: DatasetSpec, id_type: pa.DataType) -> pa.Schema:
+def label_schema(spec: DatasetSpec, id_type: pa.DataType,
+                 codecs: dict[str, dict[str, Any]] | None = None) -> pa.Schema:
+    """The stored schema: the id, then one column per task in its codec's storage type
+    (float32 without codecs)."""
     return pa.schema([pa.field(spec.example_id, id_type, nullable=False),
-                      *[pa.field(t.name, LABEL_DTYPE) for t in spec.tasks]])
+                      *[pa.field(t.name, enc.storage_type(codecs[t.name]) if codecs else pa.float32())
+                        for t in spec.tasks]])
 
 
 def _shard_range(rows: int, shard: int, shards: int) -> tuple[int, int]:
@@ -75,7 +81,9 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
     manifest = part.read_manifest(ex_uri)
     lo, hi = _shard_range(manifest.rows or 0, shard, shards)
     assert manifest.schema is not None
-    schema = label_schema(spec, manifest.schema.field(spec.example_id).type)
+    codecs = enc.codecs(spec, cfg.labels.encoding, cfg.labels.logit_eps)
+    schema = label_schema(spec, manifest.schema.field(spec.example_id).type, codecs)
+    measured = {t.name: 0.0 for t in spec.tasks}
     uri = shard_uri(cfg.root, spec.name, day, teacher.version, shard, shards)
     start = time.perf_counter()
     offset = 0
@@ -95,12 +103,21 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
             _check_finite(preds, teacher.version, day)
             s, n = max(lo - b_lo, 0), min(hi, b_hi) - max(lo, b_lo)
             batch, preds = batch.slice(s, n), {k: v[s:s + n] for k, v in preds.items()}
-            yield pa.record_batch([batch.column(spec.example_id),
-                                   *[pa.array(preds[t.name].astype(np.float32)) for t in spec.tasks]],
-                                  schema=schema)
+            cols = []
+            for t in spec.tasks:
+                values = preds[t.name].astype(np.float32)
+                stored = enc.encode(values, codecs[t.name])
+                measured[t.name] = max(measured[t.name], enc.measured_error(values, stored, codecs[t.name]))
+                cols.append(stored)
+            yield pa.record_batch([batch.column(spec.example_id), *cols], schema=schema)
 
     meta = label_metadata(cfg, teacher, day, part.manifest_digest(manifest))
-    m = part.publish_batches(uri, schema, batches(), {**meta, "shard": shard, "shards": shards})
+    with part.PartitionWriter(uri, schema, {**meta, "shard": shard, "shards": shards},
+                              parquet_options=enc.parquet_options(schema, spec)) as w:
+        for b in batches():
+            w.write(b)
+        w.metadata[enc.MEASURED_KEY] = measured  # known once every row is encoded
+    m = part.read_manifest(uri)
     if m.rows != hi - lo:
         raise StorageError(f"{uri}: wrote {m.rows} label rows, expected {hi - lo}")
     seconds = time.perf_counter() - start
@@ -137,14 +154,19 @@ def label_metadata(cfg: PipelineConfig, teacher: registry.Checkpoint, day: dt.da
 
     ``teacher_stale`` makes a fallback visible downstream: the labels come from a teacher
     older than the label policy asks for (its refresh failed or was skipped, or a version
-    was pinned), so the gate, the asset event and the report can say so."""
+    was pinned), so the gate, the asset event and the report can say so.
+
+    The per-task codecs (``label_encoding``) are part of it: labels stored in another
+    encoding are other labels, so they are not reused, and the manifest digest that
+    students record changes with them."""
     staleness = (day - teacher.trained_through).days
     return {"kind": "teacher_labels", "dataset": cfg.spec.name, "date": day.isoformat(),
             "teacher_version": teacher.version,
             "teacher_path": registry.checkpoint_path(cfg.spec.name, teacher.meta["name"], teacher.trained_through),
             "teacher_trained_through": teacher.trained_through.isoformat(),
             "staleness_days": staleness, "expected_staleness_days": cfg.policies.label_lag_days,
-            "teacher_stale": staleness > cfg.policies.label_lag_days, "examples_sha256": examples_digest}
+            "teacher_stale": staleness > cfg.policies.label_lag_days, "examples_sha256": examples_digest,
+            enc.METADATA_KEY: enc.codecs(cfg.spec, cfg.labels.encoding, cfg.labels.logit_eps)}
 
 
 def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int) -> dict[str, Any]:
@@ -156,6 +178,8 @@ def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int)
     schema_b64 = None
     ex = part.read_manifest(examples.examples_uri(cfg.root, spec.name, day))
     digest = part.manifest_digest(ex)
+    meta = label_metadata(cfg, teacher, day, digest)
+    measured = {t.name: 0.0 for t in spec.tasks}
     uri = labels_uri(cfg.root, spec.name, day, teacher_version)
     base = part.manifest_generation(uri)
     for i in range(shards):
@@ -167,6 +191,12 @@ def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int)
         if m.metadata.get("examples_sha256") != digest:
             raise StorageError(f"cannot commit labels for {day}: shard {i}/{shards} ({suri}) was computed from "
                                f"other examples than the ones published now; re-run the shard")
+        if m.metadata.get(enc.METADATA_KEY) != meta[enc.METADATA_KEY]:
+            raise StorageError(f"cannot commit labels for {day}: shard {i}/{shards} ({suri}) was stored in "
+                               f"another label encoding than labels.encoding {cfg.labels.encoding!r}; "
+                               f"re-run the shard")
+        for task, err in (m.metadata.get(enc.MEASURED_KEY) or {}).items():
+            measured[task] = max(measured.get(task, 0.0), err)
         schema_b64 = m.schema_b64
         files += [e.model_copy(update={"name": f"shard{i:03d}-{e.name}", "path": f"{shard_dir(i, shards)}/{e.path}"})
                   for e in m.files]
@@ -175,7 +205,7 @@ def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int)
         raise StorageError(f"labels for {day} have {rows} rows across {shards} shards; the day has {ex.rows} examples")
     manifest = Manifest(kind="parquet", files=files, rows=rows, bytes=sum(e.bytes for e in files),
                         schema_b64=schema_b64,
-                        metadata={**label_metadata(cfg, teacher, day, digest), "shards": shards})
+                        metadata={**meta, enc.MEASURED_KEY: measured, "shards": shards})
     changed = part.commit_manifest(uri, manifest, base)
     log.info("labels %s: committed %d rows across %d shard(s) from teacher %s (staleness %d day(s)%s)%s",
              day, rows, shards, teacher_version, manifest.metadata["staleness_days"],
@@ -198,7 +228,9 @@ def materialize(cfg: PipelineConfig, day: dt.date, teacher_version: str | None =
     uri = labels_uri(cfg.root, cfg.spec.name, day, version)
     if not force and part.is_published(uri):
         m = part.read_manifest(uri)
-        if m.metadata.get("examples_sha256") == current:  # same teacher, same examples: same labels
+        same_encoding = m.metadata.get(enc.METADATA_KEY) == enc.codecs(cfg.spec, cfg.labels.encoding,
+                                                                         cfg.labels.logit_eps)
+        if m.metadata.get("examples_sha256") == current and same_encoding:  # same teacher, examples, encoding
             log.info("labels %s: reusing %d rows already committed by teacher %s for these examples", day, m.rows,
                      version)
             return {"uri": uri, "rows": m.rows, "teacher_version": version, "changed": False, "reused": True,

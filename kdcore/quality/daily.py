@@ -20,6 +20,7 @@ from kdcore.config import PipelineConfig
 from kdcore.data import examples
 from kdcore.data.spec import DatasetSpec
 from kdcore.errors import StorageError
+from kdcore.labels.encoding import decode_labels
 from kdcore.models import registry
 from kdcore.quality.gate import CheckResult, evaluate_gate
 from kdcore.quality.labels_check import TeacherLineage, check_labels
@@ -57,7 +58,9 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
         raise StorageError(f"{teacher.uri}: teacher checkpoint has no reference profile ({PROFILE}); "
                            f"refresh the teacher with this version of kdcore") from None
     data = examples.read_day(cfg.root, spec, day)
-    labels = part.read_table(labels_uri, manifest=labels_manifest)  # raw: dtype errors are checks
+    # Decoded from the declared encoding; a column not stored as declared stays raw, so its
+    # dtype error is a check, not a crash.
+    labels = decode_labels(part.read_table(labels_uri, manifest=labels_manifest), meta, spec, strict=False)
     shift = compare(profile, data, spec)
     staleness = int(meta["staleness_days"])
     lineage = teacher_lineage(meta, teacher, cfg.policies.label_lag_days)

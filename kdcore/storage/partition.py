@@ -137,13 +137,17 @@ class PartitionWriter:
     """Stream record batches into a partition; nothing is visible until ``close()``.
 
     Use as a context manager: leaving the block with an exception publishes nothing.
+    ``parquet_options`` override PARQUET_OPTIONS (e.g. per-column ``column_encoding`` and
+    ``use_dictionary``): they change only how the bytes are laid out, so checksums, the
+    manifest and the atomic publish are the same whatever they are.
     """
 
     def __init__(self, uri: str, schema: pa.Schema, metadata: Mapping[str, Any] | None = None,
-                 max_rows_per_file: int = 1_000_000):
+                 max_rows_per_file: int = 1_000_000, parquet_options: Mapping[str, Any] | None = None):
         self.uri = sfs.normalize(uri)
         self.schema = schema
         self.metadata = dict(metadata or {})
+        self.parquet_options = {**PARQUET_OPTIONS, **(parquet_options or {})}
         self.max_rows_per_file = max_rows_per_file
         self._base = manifest_generation(self.uri)  # what this writer builds on
         try:
@@ -159,7 +163,7 @@ class PartitionWriter:
 
     def _open(self) -> None:
         self._local = os.path.join(self._tmp, f"part-{len(self._entries):05d}.parquet")
-        self._writer = pq.ParquetWriter(self._local, self.schema, **PARQUET_OPTIONS)
+        self._writer = pq.ParquetWriter(self._local, self.schema, **self.parquet_options)
         self._rows_in_file = 0
 
     def _finish_file(self) -> None:
@@ -242,8 +246,9 @@ class PartitionWriter:
 
 def publish_batches(uri: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch | pa.Table],
                     metadata: Mapping[str, Any] | None = None,
-                    max_rows_per_file: int = 1_000_000) -> Manifest:
-    with PartitionWriter(uri, schema, metadata, max_rows_per_file) as w:
+                    max_rows_per_file: int = 1_000_000,
+                    parquet_options: Mapping[str, Any] | None = None) -> Manifest:
+    with PartitionWriter(uri, schema, metadata, max_rows_per_file, parquet_options) as w:
         for b in batches:
             w.write(b)
     return read_manifest(uri)
