@@ -83,6 +83,14 @@ def hash_value(value: object, buckets: int, salt: str) -> int:
     return 1 + int.from_bytes(digest, "little") % (buckets - 1)
 
 
+def _hash_strings(strings: list[str], buckets: int, salt: str) -> list[int]:
+    """``hash_value`` of many string forms with the key derived once (the loop is the
+    cost of labelling a day's new ids)."""
+    key, mod, blake2b, from_bytes = _hash_key(salt), buckets - 1, hashlib.blake2b, int.from_bytes
+    return [1 + from_bytes(blake2b(s.encode("utf-8"), digest_size=8, key=key).digest(), "little") % mod
+            for s in strings]
+
+
 class BucketCache:
     """Buckets of values already hashed, per column, carried across the batches of a run.
 
@@ -107,7 +115,7 @@ class BucketCache:
         out[hit] = vals[pos[hit]]
         miss = values[~hit]
         if len(miss):
-            new = np.fromiter((hash_value(v, buckets, salt) for v in miss.tolist()), np.int64, len(miss))
+            new = np.array(_hash_strings([str(v) for v in miss.tolist()], buckets, salt), np.int64)
             out[~hit] = new
             keys, vals = np.concatenate([keys, miss]), np.concatenate([vals, new])
             order = np.argsort(keys, kind="stable")
@@ -117,14 +125,10 @@ class BucketCache:
     def str_buckets(self, values: list[object], buckets: int, salt: str) -> np.ndarray:
         """Buckets of distinct non-null Python values, keyed by their string form."""
         known = self._strs.setdefault((salt, buckets), {})
-        out = np.empty(len(values), np.int64)
-        for i, v in enumerate(values):
-            key = str(v)
-            b = known.get(key)
-            if b is None:
-                b = known[key] = hash_value(key, buckets, salt)
-            out[i] = b
-        return out
+        keys = [str(v) for v in values]
+        new = [k for k in dict.fromkeys(keys) if k not in known]
+        known.update(zip(new, _hash_strings(new, buckets, salt), strict=True))
+        return np.array([known[k] for k in keys], np.int64)
 
 
 def _distinct_buckets(values: pa.Array, buckets: int, salt: str, cache: BucketCache) -> np.ndarray:
