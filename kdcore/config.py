@@ -78,8 +78,10 @@ class Policies(Strict):
 
 class LabelsConfig(Strict):
     """Teacher labelling. Reading and the forward pass use different batch sizes: large
-    reads amortize I/O and decoding, while a forward batch that fits in cache runs the
-    GEMMs compute-bound (bench/bench_labels.py: 8,192 rows beat 65,536 by ~2x here)."""
+    reads amortize I/O and decoding, while a forward batch that fits in cache keeps the
+    GEMMs compute-bound (issue 13, idle 2-core machine: 57.5 GFLOP/s at 8,192 rows vs 29.9
+    at 65,536). Under CPU contention with 2 torch threads larger batches can win: measure
+    with bench/bench_labels.py (docs/performance.md, "Labelling")."""
 
     shards: int = Field(2, ge=1, le=256)
     batch_rows: int = Field(65_536, ge=1, description=(
