@@ -79,13 +79,26 @@ class Policies(Strict):
 
 
 class LabelsConfig(Strict):
-    """How teacher labels are computed and stored. ``encoding`` trades bytes for a declared
-    worst-case error (kdcore/labels/encoding.py, docs/performance.md): float32 is exact;
-    the others are recorded per task with their error bound in the labels manifest, and
-    changing it recomputes the labels (and retrains the students that read them)."""
+    """How teacher labels are computed and stored.
+
+    Reading and the forward pass use different batch sizes: large reads amortize I/O and
+    decoding, while a forward batch that fits in cache keeps the GEMMs compute-bound
+    (issue 13, idle 2-core machine: 57.5 GFLOP/s at 8,192 rows vs 29.9 at 65,536). Under
+    CPU contention with 2 torch threads larger batches can win: measure with
+    bench/bench_labels.py (docs/performance.md, "Labelling").
+
+    ``encoding`` trades bytes for a declared worst-case error (kdcore/labels/encoding.py,
+    docs/performance.md): float32 is exact; the others are recorded per task with their
+    error bound in the labels manifest, and changing it recomputes the labels (and
+    retrains the students that read them)."""
 
     shards: int = Field(2, ge=1, le=256)
-    batch_rows: int = Field(65_536, ge=1)
+    batch_rows: int = Field(65_536, ge=1, description=(
+        "rows read and feature-encoded at a time (rounded down to a multiple of inference_rows)"))
+    inference_rows: int = Field(8_192, ge=1, description=(
+        "rows per teacher forward pass; the day is cut into batches of this size from row 0, "
+        "so labels are bitwise identical whatever the shard count. Changing it may change "
+        "the last bits of the labels"))
     encoding: LabelEncoding = Field("float32", description=(
         "float32 (exact), float16, bfloat16, float16_logit or uint8_logit; unbounded regression "
         "tasks stay float32"))

@@ -9,6 +9,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Imported once by the scheduler's forkserver (Airflow 3.3 `[scheduler] mp_start_method` /
+# `mp_forkserver_preload`); LocalExecutor workers fork from it and every task process forks
+# from a worker, so tasks find these already imported instead of paying ~4.5 s each
+# (docs/performance.md, "Labelling"). Third-party only: kdcore stays imported per task, so
+# new kdcore code takes effect without restarting the scheduler.
+FORKSERVER_PRELOAD = ("airflow", "airflow.executors.local_executor", "numpy", "pyarrow", "pyarrow.parquet",
+                      "pyarrow.compute", "pydantic", "torch")
+
 
 def airflow_env(home: Path, store: Path, config: Path, api_port: int = 8080, parallelism: int = 4,
                 retry_delay_seconds: int = 2, sensor_poke_seconds: int = 5, sensor_timeout_seconds: int = 20,
@@ -22,6 +30,8 @@ def airflow_env(home: Path, store: Path, config: Path, api_port: int = 8080, par
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+        "AIRFLOW__SCHEDULER__MP_START_METHOD": "forkserver",
+        "AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD": ",".join(FORKSERVER_PRELOAD),
         "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(parallelism),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "scripts.airflow_sqlite.CONNECT_ARGS",

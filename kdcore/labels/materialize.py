@@ -1,17 +1,20 @@
 """Teacher inference, once per example, shared by every student.
 
-The chosen teacher scores a day's examples in large batches under inference mode; each
-shard (a contiguous row range of the day) is published on its own, then ``commit``
-makes all shards visible at once with a manifest naming the teacher, the date it is
-trained through, the label staleness and the row count. Labels are stored in the
-declared ``labels.encoding`` (kdcore/labels/encoding.py); the manifest records each
-task's codec, its error bound and the error measured on the day."""
+The chosen teacher scores a day's examples under inference mode, in forward batches
+sized for the CPU cache (``labels.inference_rows``) on a grid fixed from the day's first
+row, while reads and feature encoding go in larger chunks (``labels.batch_rows``); each
+shard (a contiguous row range of the day) reads only the files holding its rows and is
+published on its own, then ``commit`` makes all shards visible at once with a manifest
+naming the teacher, the date it is trained through, the label staleness and the row
+count. Labels are stored in the declared ``labels.encoding`` (kdcore/labels/encoding.py);
+the manifest records each task's codec, its error bound and the error measured on the day."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,7 @@ from kdcore.errors import DataError, LineageError, StorageError
 from kdcore.labels import encoding as enc
 from kdcore.labels.store import labels_uri, shard_dir, shard_uri
 from kdcore.models import registry
-from kdcore.models.features import FeatureSet, encode_features
+from kdcore.models.features import BucketCache, FeatureSet, encode_features
 from kdcore.storage import partition as part
 from kdcore.storage.manifest import FileEntry, Manifest
 from kdcore.training.loop import predict, set_determinism
@@ -68,8 +71,37 @@ def _shard_range(rows: int, shard: int, shards: int) -> tuple[int, int]:
     return rows * shard // shards, rows * (shard + 1) // shards
 
 
+def _inference_span(lo: int, hi: int, rows: int, inference_rows: int) -> tuple[int, int]:
+    """The rows a shard scores: its range widened to the day's grid of inference batches
+    (``[k * inference_rows, (k + 1) * inference_rows)`` from row 0). Every row goes through
+    the same forward batch whatever the shard count, so labels are bitwise identical."""
+    if lo >= hi:
+        return lo, lo
+    return lo // inference_rows * inference_rows, min(-(-hi // inference_rows) * inference_rows, rows)
+
+
+def _chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """Re-cut a stream of batches into tables of exactly ``rows`` rows (the last shorter):
+    read batches follow files and row groups, encode/forward chunks follow the grid."""
+    pending: list[pa.RecordBatch] = []
+    n = 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(rows - n, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            batch, n = batch.slice(take), n + take
+            if n == rows:
+                yield pa.Table.from_batches(pending)
+                pending, n = [], 0
+    if n:
+        yield pa.Table.from_batches(pending)
+
+
 def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards: int = 1,
                       teacher_version: str | None = None) -> dict[str, Any]:
+    """Score rows ``[lo, hi)`` of the day and publish them as one shard. Reads only the
+    files (and row groups) that hold the shard's rows; features are encoded in read-sized
+    chunks with one hash cache for the shard, the forward runs in cache-sized batches."""
     if not 0 <= shard < shards:
         raise ValueError(f"--shard {shard}/{shards}: shard index must be in [0, {shards})")
     set_determinism(cfg.torch_threads)
@@ -86,36 +118,39 @@ def materialize_shard(cfg: PipelineConfig, day: dt.date, shard: int = 0, shards:
     measured = {t.name: 0.0 for t in spec.tasks}
     uri = shard_uri(cfg.root, spec.name, day, teacher.version, shard, shards)
     start = time.perf_counter()
-    offset = 0
+    infer = cfg.labels.inference_rows
+    chunk = max(cfg.labels.batch_rows // infer, 1) * infer  # chunk starts stay on the grid
+    a, b = _inference_span(lo, hi, manifest.rows or 0, infer)
+    columns = FeatureSet.of(spec, model.config.features)
+    cache = BucketCache()
 
-    def batches():
-        nonlocal offset
-        for batch in part.iter_batches(ex_uri, columns=[spec.example_id, *spec.feature_columns],
-                                       batch_size=cfg.labels.batch_rows, manifest=manifest):
-            b_lo, b_hi = offset, offset + batch.num_rows
-            offset = b_hi
-            if b_hi <= lo or b_lo >= hi:
-                continue
-            # Score the whole stored batch, then slice: the same rows always go through the
-            # same batch shapes, so labels are bitwise identical whatever the shard count.
-            preds = clip_to_range(predict(model, encode_features(batch, spec, model.config.hash_buckets,
-                                                                  FeatureSet.of(spec, model.config.features))), spec)
+    def batches() -> Iterator[pa.RecordBatch]:
+        offset = a
+        rows = part.iter_row_range(ex_uri, a, b, columns=[spec.example_id, *spec.feature_columns],
+                                   batch_size=chunk, manifest=manifest)
+        for table in _chunks(rows, chunk):
+            feats = encode_features(table, spec, model.config.hash_buckets, columns, cache)
+            preds = clip_to_range(predict(model, feats, batch_rows=infer), spec)
             _check_finite(preds, teacher.version, day)
-            s, n = max(lo - b_lo, 0), min(hi, b_hi) - max(lo, b_lo)
-            batch, preds = batch.slice(s, n), {k: v[s:s + n] for k, v in preds.items()}
+            c_lo, c_hi = offset, offset + table.num_rows
+            offset = c_hi
+            s, n = max(lo - c_lo, 0), min(hi, c_hi) - max(lo, c_lo)
+            if n <= 0:
+                continue
+            ids = table.column(spec.example_id).slice(s, n).combine_chunks()
             cols = []
             for t in spec.tasks:
-                values = preds[t.name].astype(np.float32)
+                values = preds[t.name][s:s + n].astype(np.float32)
                 stored = enc.encode(values, codecs[t.name])
                 measured[t.name] = max(measured[t.name], enc.measured_error(values, stored, codecs[t.name]))
                 cols.append(stored)
-            yield pa.record_batch([batch.column(spec.example_id), *cols], schema=schema)
+            yield pa.record_batch([ids, *cols], schema=schema)
 
     meta = label_metadata(cfg, teacher, day, part.manifest_digest(manifest))
     with part.PartitionWriter(uri, schema, {**meta, "shard": shard, "shards": shards},
                               parquet_options=enc.parquet_options(schema, spec)) as w:
-        for b in batches():
-            w.write(b)
+        for batch in batches():
+            w.write(batch)
         w.metadata[enc.MEASURED_KEY] = measured  # known once every row is encoded
     m = part.read_manifest(uri)
     if m.rows != hi - lo:
