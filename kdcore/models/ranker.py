@@ -13,7 +13,7 @@ features the student never sees. Regression heads work in a declared target spac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,6 +53,9 @@ class RankerConfig(Strict):
         "give more rows/s (a different recipe: lr and results change with it)"))
     epochs: int = Field(1, gt=0)
     seed: int = Field(0, ge=0)
+    shuffle_window_rows: int = Field(262_144, gt=0, description=(
+        "a day with more rows than this is streamed in windows of this many rows, each shuffled on its own "
+        "(peak memory flat in the day's size); a day no larger is shuffled whole, exactly as before"))
 
     @field_validator("hidden")
     @classmethod
@@ -140,6 +143,37 @@ class MultiTaskRanker(nn.Module):
         if seen.any():
             mean[seen] = np.nanmean(finite[:, seen], axis=0)
             std[seen] = np.nanstd(finite[:, seen], axis=0)
+        self._set_normalizer(mean, std)
+
+    def fit_normalizer_streamed(self, chunks: Iterable[np.ndarray]) -> None:
+        """:meth:`fit_normalizer` over the rows of ``chunks`` taken together, one chunk in
+        memory at a time (a day too large to hold): per-chunk count, mean and squared
+        deviations merged exactly (Chan et al.), so the result equals the whole-array
+        statistics to float64 rounding."""
+        count, mean, m2 = np.zeros(self.n_num), np.zeros(self.n_num), np.zeros(self.n_num)
+        rows = 0
+        for chunk in chunks:
+            x = np.asarray(chunk, dtype=np.float64)
+            if x.ndim != 2 or x.shape[1] != self.n_num:
+                raise ValueError(f"expected numeric features of shape [N, {self.n_num}], got {x.shape}")
+            rows += x.shape[0]
+            ok = np.isfinite(x)
+            c = ok.sum(axis=0).astype(np.float64)
+            s = np.where(ok, x, 0.0).sum(axis=0)
+            m = np.divide(s, c, out=np.zeros(self.n_num), where=c > 0)
+            q = np.where(ok, (x - m) ** 2, 0.0).sum(axis=0)
+            total = count + c
+            delta = m - mean
+            w = np.divide(c, total, out=np.zeros(self.n_num), where=total > 0)
+            mean = mean + delta * w
+            m2 = m2 + q + delta ** 2 * count * w
+            count = total
+        if rows == 0:
+            raise ValueError("cannot fit the normalizer on zero rows")
+        std = np.sqrt(np.divide(m2, count, out=np.ones(self.n_num), where=count > 0))
+        self._set_normalizer(np.where(count > 0, mean, 0.0), std)
+
+    def _set_normalizer(self, mean: np.ndarray, std: np.ndarray) -> None:
         std = np.where(std < _MIN_STD, 1.0, std)
         self.num_mean.copy_(torch.from_numpy(mean))
         self.num_std.copy_(torch.from_numpy(std))
