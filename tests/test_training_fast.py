@@ -151,10 +151,10 @@ def test_a_day_larger_than_the_window_streams_and_publishes_deterministically(kd
     for day in (d1, d2):
         labels = mat.materialize(cfg, day)["uri"]
         first = steps.student_step(cfg, "streamer", day, labels)
-        weights = part.read_blob(first["uri"], registry.WEIGHTS)
+        blobs = {b: part.read_blob(first["uri"], b) for b in (registry.WEIGHTS, registry.OPTIMIZER)}
         again = steps.student_step(cfg, "streamer", day, labels, force=True)
-        assert again["version"] == first["version"]
-        assert part.read_blob(again["uri"], registry.WEIGHTS) == weights
+        assert again["version"] == first["version"] and again["progressive"] == first["progressive"]
+        assert {b: part.read_blob(again["uri"], b) for b in blobs} == blobs
     streams = [d for d in opened if isinstance(d, DayStream)]
     assert len(streams) == len(opened) == 4
     n1, n2 = (-(-_rows(kd, d) // window) for d in (d1, d2))
