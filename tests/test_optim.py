@@ -66,7 +66,7 @@ def _model(cfg: RankerConfig, aux_heads: bool = False) -> MultiTaskRanker:
 
 
 def _optimizer(model: MultiTaskRanker) -> torch.optim.Optimizer:
-    return make_optimizer(model, model.config.optimizer, model.config.lr)
+    return make_optimizer(model, model.config.optimizer, model.config.lr, model.config.optimizer_impl)
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,10 +222,12 @@ def test_continued_training_in_another_process_equals_uninterrupted(name: str, t
 # --- construction ------------------------------------------------------------------------
 
 
-def test_make_optimizer_matches_plain_torch_adam() -> None:
+@pytest.mark.parametrize(("impl", "torch_kw"), [("for_loop", {"foreach": False}), ("auto", {"fused": True}),
+                                               ("fused", {"fused": True}), ("foreach", {"foreach": True})])
+def test_make_optimizer_matches_plain_torch_adam(impl: str, torch_kw: dict) -> None:
     a, b = _model(_cfg()), _model(_cfg())
-    opt_a = make_optimizer(a, "adam", 0.01)
-    opt_b = torch.optim.Adam(b.parameters(), lr=0.01)
+    opt_a = make_optimizer(a, "adam", 0.01, impl)  # type: ignore[arg-type]
+    opt_b = torch.optim.Adam(b.parameters(), lr=0.01, **torch_kw)
     assert opt_a.state_dict()["param_groups"] == opt_b.state_dict()["param_groups"]
     assert opt_a.param_groups[0]["params"] == list(a.parameters())
     _train(a, opt_a, 0, 4)
@@ -361,3 +363,49 @@ def test_new_aux_heads_start_fresh_with_strict_false(name: str) -> None:
     assert set(kept) == {k for k in stored if "/aux_heads." not in k}
     assert all(torch.equal(v, stored[k]) for k, v in kept.items())
     _train(plain, plain_opt, global_step(plain_opt), 1)
+
+
+# --- implementation (issue 13): fused by default, the same update to float rounding ------
+
+IMPLS = ["for_loop", "foreach", "fused"]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_implementation_round_trips_bit_exactly(name: str, impl: str) -> None:
+    cfg = _cfg(name, optimizer_impl=impl)
+    straight, _ = _trained(cfg, N_STEPS + M_STEPS)
+    day1, opt1 = _trained(cfg, N_STEPS)
+    data, meta = optimizer_state_to_bytes(opt1, day1)
+    day2, opt2 = _restore(model_to_bytes(day1), data, meta, cfg)
+    assert optimizer_state_to_bytes(opt2, day2) == (data, meta)
+    _train(day2, opt2, N_STEPS, M_STEPS)
+    _assert_same_weights(day2, straight)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_for_loop_checkpoint_warm_starts_a_fused_optimizer(name: str) -> None:
+    """Checkpoints written before the option record ``fused: None`` in their
+    hyperparameters: restoring must keep the new optimizer's implementation (the state
+    tensors are the same), and the continued run stays close to the old path."""
+    old_cfg, new_cfg = _cfg(name, optimizer_impl="for_loop"), _cfg(name)
+    assert new_cfg.optimizer_impl == "auto"
+    day1, opt1 = _trained(old_cfg, N_STEPS)
+    data, meta = optimizer_state_to_bytes(opt1, day1)
+    assert not meta["param_groups"][0]["hyperparameters"]["fused"]
+    meta["param_groups"][0]["hyperparameters"].update(fused=None, foreach=None)  # as written before issue 13
+    model, opt = _restore(model_to_bytes(day1), data, meta, new_cfg)
+    assert opt.param_groups[0]["fused"] is True
+    old, old_opt = _restore(model_to_bytes(day1), data, meta, old_cfg)
+    assert not old_opt.param_groups[0]["fused"]
+    _train(model, opt, N_STEPS, M_STEPS)
+    _train(old, old_opt, N_STEPS, M_STEPS)
+    for (k, a), b in zip(model.state_dict().items(), old.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_unknown_implementation_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        _cfg(optimizer_impl="turbo")
+    with pytest.raises(ValueError, match="implementation 'turbo'"):
+        make_optimizer(_model(_cfg()), "adam", 0.01, "turbo")  # type: ignore[arg-type]

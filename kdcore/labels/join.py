@@ -66,3 +66,54 @@ def load_joined(uri: str, example_ids: pa.Array, spec: DatasetSpec, day: dt.date
                 on_missing: Literal["error", "hard_labels_only"] = "error") -> JoinedLabels:
     table, meta = read_labels(uri, spec)
     return join_labels(example_ids, table, spec, uri, on_missing, meta)
+
+
+def load_aligned(uri: str, examples_uri: str, spec: DatasetSpec, examples_manifest: part.Manifest | None = None,
+                 batch_rows: int = 65_536) -> JoinedLabels:
+    """Teacher labels of a day that is streamed (too large to hold), in the examples' row
+    order, without a whole-day id column or hash join in memory.
+
+    Labels are written in the row order of the examples they score, so the two id columns
+    are read batch by batch in lockstep and must agree row for row; only the soft labels
+    (a few floats per row) are kept. Labels in another order, or with rows missing or
+    extra, are a DataError naming both partitions (the id join of :func:`load_joined`,
+    and its ``missing_labels`` policy, apply to days held whole)."""
+    manifest = part.read_manifest(uri)
+    names = [t.name for t in spec.tasks]
+    labels = part.iter_batches(uri, columns=[spec.example_id, *names], batch_size=batch_rows, manifest=manifest)
+    ids = part.iter_batches(examples_uri, columns=[spec.example_id], batch_size=batch_rows,
+                            manifest=examples_manifest)
+    pending: list[pa.RecordBatch] = []
+    have = row = 0
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+
+    def fail(why: str) -> DataError:
+        return DataError(f"{uri}: teacher labels do not follow the rows of {examples_uri} ({why}); a day larger "
+                         f"than the student's shuffle_window_rows is streamed and needs labels in example order: "
+                         f"re-materialize the labels for this day")
+
+    for batch in ids:
+        want = batch.column(0)
+        while have < len(want):
+            nxt = next(labels, None)
+            if nxt is None:
+                raise fail(f"labels end after {row + have} rows, the examples have more")
+            pending.append(nxt)
+            have += nxt.num_rows
+        got = pa.Table.from_batches(pending).combine_chunks()
+        head, rest = got.slice(0, len(want)), got.slice(len(want))
+        lab_ids = head.column(spec.example_id).chunk(0) if len(want) else want
+        if not lab_ids.type.equals(want.type):
+            raise fail(f"label id type {lab_ids.type}, examples' {want.type}")
+        equal = pc.equal(lab_ids, want).to_numpy(zero_copy_only=False)
+        if not equal.all():
+            raise fail(f"first differing id at row {row + int(np.argmin(equal))}")
+        for n in names:
+            out[n].append(head.column(n).to_numpy().astype(np.float32))
+        pending, have = rest.to_batches(), rest.num_rows
+        row += len(want)
+    extra = have + sum(b.num_rows for b in labels)
+    if extra:
+        raise fail(f"{extra} label rows beyond the examples' {row}")
+    soft = {n: (np.concatenate(v) if v else np.zeros(0, np.float32)) for n, v in out.items()}
+    return JoinedLabels(soft=soft, present=np.ones(row, dtype=bool), metadata=dict(manifest.metadata))

@@ -13,7 +13,7 @@ features the student never sees. Regression heads work in a declared target spac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from kdcore.data.spec import Task
 from kdcore.models.features import Features
-from kdcore.training.optim import LRPolicy
+from kdcore.training.optim import LRPolicy, OptimizerImpl
 from kdcore.training.optim import make_optimizer as _make_optimizer
 from kdcore.yamlconf import Strict
 
@@ -41,12 +41,21 @@ class RankerConfig(Strict):
         "feature columns this model reads; default: all features for a teacher, the serving "
         "(non-privileged) features for a student"))
     optimizer: Literal["adam", "adagrad"] = "adam"
+    optimizer_impl: OptimizerImpl = Field("auto", description=(
+        "how the optimizer update is computed: auto (= fused), fused, foreach or for_loop (torch's CPU "
+        "default, one tensor at a time, what checkpoints before this option were trained with); the same "
+        "update to float rounding, fused several times faster on the embedding tables"))
     lr: float = Field(0.01, gt=0.0)
     lr_policy: LRPolicy = Field(default_factory=LRPolicy, description=(
         "learning rate over the model's lifetime step count (carried across days in the checkpoint)"))
-    batch_size: int = Field(512, gt=0)
+    batch_size: int = Field(512, gt=0, description=(
+        "rows per optimizer step: per-step overhead dominates small batches on CPU, so larger batches "
+        "give more rows/s (a different recipe: lr and results change with it)"))
     epochs: int = Field(1, gt=0)
     seed: int = Field(0, ge=0)
+    shuffle_window_rows: int = Field(262_144, gt=0, description=(
+        "a day with more rows than this is streamed in windows of this many rows, each shuffled on its own "
+        "(peak memory flat in the day's size); a day no larger is shuffled whole, exactly as before"))
 
     @field_validator("hidden")
     @classmethod
@@ -134,6 +143,37 @@ class MultiTaskRanker(nn.Module):
         if seen.any():
             mean[seen] = np.nanmean(finite[:, seen], axis=0)
             std[seen] = np.nanstd(finite[:, seen], axis=0)
+        self._set_normalizer(mean, std)
+
+    def fit_normalizer_streamed(self, chunks: Iterable[np.ndarray]) -> None:
+        """:meth:`fit_normalizer` over the rows of ``chunks`` taken together, one chunk in
+        memory at a time (a day too large to hold): per-chunk count, mean and squared
+        deviations merged exactly (Chan et al.), so the result equals the whole-array
+        statistics to float64 rounding."""
+        count, mean, m2 = np.zeros(self.n_num), np.zeros(self.n_num), np.zeros(self.n_num)
+        rows = 0
+        for chunk in chunks:
+            x = np.asarray(chunk, dtype=np.float64)
+            if x.ndim != 2 or x.shape[1] != self.n_num:
+                raise ValueError(f"expected numeric features of shape [N, {self.n_num}], got {x.shape}")
+            rows += x.shape[0]
+            ok = np.isfinite(x)
+            c = ok.sum(axis=0).astype(np.float64)
+            s = np.where(ok, x, 0.0).sum(axis=0)
+            m = np.divide(s, c, out=np.zeros(self.n_num), where=c > 0)
+            q = np.where(ok, (x - m) ** 2, 0.0).sum(axis=0)
+            total = count + c
+            delta = m - mean
+            w = np.divide(c, total, out=np.zeros(self.n_num), where=total > 0)
+            mean = mean + delta * w
+            m2 = m2 + q + delta ** 2 * count * w
+            count = total
+        if rows == 0:
+            raise ValueError("cannot fit the normalizer on zero rows")
+        std = np.sqrt(np.divide(m2, count, out=np.ones(self.n_num), where=count > 0))
+        self._set_normalizer(np.where(count > 0, mean, 0.0), std)
+
+    def _set_normalizer(self, mean: np.ndarray, std: np.ndarray) -> None:
         std = np.where(std < _MIN_STD, 1.0, std)
         self.num_mean.copy_(torch.from_numpy(mean))
         self.num_std.copy_(torch.from_numpy(std))
@@ -229,7 +269,7 @@ def as_tensors(features: Features) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_optimizer(model: MultiTaskRanker) -> torch.optim.Optimizer:
     """The optimizer named by model.config (so teacher and students are built the same way)."""
-    return _make_optimizer(model, model.config.optimizer, model.config.lr)
+    return _make_optimizer(model, model.config.optimizer, model.config.lr, model.config.optimizer_impl)
 
 
 def export_serving(model: MultiTaskRanker) -> MultiTaskRanker:

@@ -35,6 +35,7 @@ from kdcore.yamlconf import Strict
 
 __all__ = [
     "LRPolicy",
+    "OptimizerImpl",
     "OptimizerName",
     "global_step",
     "load_optimizer_state",
@@ -45,6 +46,12 @@ __all__ = [
 ]
 
 OptimizerName = Literal["adam", "adagrad"]
+# How the update is computed, not what it computes: "fused" (one kernel over all
+# parameters), "foreach" (multi-tensor ops), "for_loop" (one tensor at a time, torch's
+# CPU default and what every checkpoint before issue 13 was trained with); "auto" is
+# fused. The three agree to float rounding, not bitwise (see docs/performance.md).
+OptimizerImpl = Literal["auto", "fused", "foreach", "for_loop"]
+_IMPL_KEYS = ("foreach", "fused")  # group entries that say how, not what: never restored
 
 _FORMAT = 1
 _TYPES: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}
@@ -97,21 +104,38 @@ def lr_at(policy: LRPolicy, base_lr: float, step: int) -> float:
     return base_lr * warmup * decay
 
 
-def make_optimizer(params_or_model: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-                   name: OptimizerName, lr: float) -> torch.optim.Optimizer:
-    """Adam or Adagrad with torch's defaults apart from ``lr``.
+def impl_kwargs(impl: OptimizerImpl) -> dict[str, bool]:
+    """torch keyword arguments selecting the implementation ``impl``.
 
-    Defaults are kept on purpose: for a module this is numerically exactly
-    ``torch.optim.Adam(model.parameters(), lr=lr)``, the optimizer the models were
-    trained with before state was carried across days, so old and new runs compare.
-    The parameter order is ``model.parameters()``'s order.
+    On CPU, torch's default is the for_loop path: every parameter updated by its own
+    chain of small ops, which on the hashed embedding tables (most of a model's
+    parameters) costs more than the forward and backward passes together. Fused Adam and
+    Adagrad run one kernel over all of them; it is the default ("auto")."""
+    if impl in ("auto", "fused"):
+        return {"fused": True}
+    if impl == "foreach":
+        return {"foreach": True}
+    if impl == "for_loop":
+        return {"foreach": False}
+    raise ValueError(f"unknown optimizer implementation '{impl}'; expected auto, fused, foreach or for_loop")
+
+
+def make_optimizer(params_or_model: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+                   name: OptimizerName, lr: float, impl: OptimizerImpl = "auto") -> torch.optim.Optimizer:
+    """Adam or Adagrad with torch's defaults apart from ``lr`` and the implementation.
+
+    Hyperparameter defaults are kept on purpose: with ``impl="for_loop"`` this is
+    numerically exactly ``torch.optim.Adam(model.parameters(), lr=lr)`` on CPU, the
+    optimizer the models were trained with before, so old and new runs compare; the
+    default fused path computes the same update to float rounding. The parameter order
+    is ``model.parameters()``'s order.
     """
     if name not in _TYPES:
         raise ValueError(f"unknown optimizer '{name}'; expected one of {sorted(_TYPES)}")
     if not (math.isfinite(lr) and lr > 0.0):
         raise ValueError(f"lr must be finite and > 0, got {lr}")
     params = params_or_model.parameters() if isinstance(params_or_model, nn.Module) else params_or_model
-    return _TYPES[name](list(params), lr=lr)
+    return _TYPES[name](list(params), lr=lr, **impl_kwargs(impl))
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -206,7 +230,10 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, data: byt
     """Restore state saved by :func:`optimizer_state_to_bytes` into ``opt`` (built over
     ``model``'s parameters, e.g. by :func:`make_optimizer`), so that continuing training
     is bit-identical to never having stopped. Stored hyperparameters replace the
-    optimizer's (as torch's own ``load_state_dict`` does).
+    optimizer's (as torch's own ``load_state_dict`` does), except the implementation
+    flags (``foreach``, ``fused``): those say how to compute, belong to the optimizer
+    being built (its model's config), and a checkpoint written by another implementation
+    (every checkpoint before fused became the default) must not switch it back.
 
     Raises ValueError, naming the parameter, when a stored tensor does not fit the model
     (shape, dtype, incomplete state) or the optimizer kind differs. With strict=False,
@@ -264,7 +291,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, data: byt
         hyper = _require(saved, "hyperparameters")
         restored = dict(group)
         for k, v in hyper.items():
-            if k in restored and k not in ("params", "param_names"):
+            if k in restored and k not in ("params", "param_names", *_IMPL_KEYS):
                 restored[k] = tuple(v) if isinstance(restored[k], tuple) and isinstance(v, list) else v
         new_groups.append(restored)
     opt.load_state_dict({"state": new_state, "param_groups": new_groups})

@@ -23,12 +23,12 @@ from kdcore.data.validate import ensure_valid
 from kdcore.distill.adapter import fit_adapters
 from kdcore.distill.config import DistillConfig
 from kdcore.errors import StorageError
-from kdcore.labels.join import load_joined
+from kdcore.labels.join import load_aligned, load_joined
 from kdcore.models import registry
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
 from kdcore.storage import partition as part
-from kdcore.training.data import DayData, load_days
-from kdcore.training.loop import NO_KD, evaluate, fit, model_features, new_model, predict, set_determinism
+from kdcore.training.data import DayData, DayStream, load_days, open_day
+from kdcore.training.loop import NO_KD, evaluate, fit_day, model_features, new_model, predict, set_determinism
 
 GateAction = Literal["distill", "hard_labels_only", "skip_students"]
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def aux_tasks(cfg: PipelineConfig, distill: DistillConfig) -> list[str]:
 
 
 def _warm_or_cold(cfg: PipelineConfig, parent: registry.Checkpoint | None, model_cfg: RankerConfig,
-                  aux: list[str], data: DayData, day: dt.date
+                  aux: list[str], data: DayData | DayStream, day: dt.date
                   ) -> tuple[MultiTaskRanker, torch.optim.Optimizer, int]:
     """(model, optimizer, lifetime steps): the parent's when there is one, else a cold
     start fitted on ``data`` with a fresh optimizer."""
@@ -71,7 +71,7 @@ def _warm_or_cold(cfg: PipelineConfig, parent: registry.Checkpoint | None, model
 
 
 def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: RankerConfig, aux: list[str],
-                       day: dt.date, data: DayData, parent: registry.Checkpoint | None,
+                       day: dt.date, data: DayData | DayStream, parent: registry.Checkpoint | None,
                        distill: DistillConfig, soft: dict[str, np.ndarray] | None,
                        extra: dict[str, Any], fingerprint: dict[str, Any], epochs: int | None = None,
                        progressive: bool = True) -> dict[str, Any]:
@@ -82,15 +82,17 @@ def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: Ran
     model, opt, steps_before = _warm_or_cold(cfg, parent, model_cfg, aux, data, day)
     tag = f"{name} {day}"
     n_days = len(data.days)
-    log.info("%s: training %s (%s) on %d rows%s; %s; %d epoch(s), batch %d, lr %g (%s), distill mode %s",
-             tag, name, role, len(data), f" ({n_days} days)" if n_days > 1 else "",
+    log.info("%s: training %s (%s) on %d rows%s%s; %s; %d epoch(s), batch %d, lr %g (%s), optimizer %s (%s), "
+             "distill mode %s", tag, name, role, len(data), f" ({n_days} days)" if n_days > 1 else "",
+             f" streamed in windows of {data.window_rows} rows" if isinstance(data, DayStream) else "",
              f"warm start from {parent.version} (lifetime steps {steps_before})" if parent else "cold start",
-             epochs or model_cfg.epochs, model_cfg.batch_size, model_cfg.lr, model_cfg.lr_policy.kind, distill.mode)
+             epochs or model_cfg.epochs, model_cfg.batch_size, model_cfg.lr, model_cfg.lr_policy.kind,
+             model_cfg.optimizer, model_cfg.optimizer_impl, distill.mode)
     metrics = evaluate(model, data) if (progressive and parent is not None) else None
     if metrics:
         log.info("%s: progressive (parent on %s before training): %s", tag, day, _describe_metrics(metrics))
-    train = fit(model, model_features(model, data), data.hard, soft, distill,
-                seed=_seed(model_cfg, day), epochs=epochs, optimizer=opt, start_step=steps_before, tag=tag)
+    train = fit_day(model, data, soft, distill, seed=_seed(model_cfg, day), epochs=epochs, optimizer=opt,
+                    start_step=steps_before, tag=tag)
     rows_seen = (parent.meta.get("rows_seen", 0) if parent else 0) + len(data)
     meta = {"role": role, "dataset": cfg.spec.name, "parent": parent.version if parent else None,
             "progressive": {"date": day.isoformat(), "metrics": metrics} if metrics else None,
@@ -147,7 +149,7 @@ def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict
     if not force and (ckpt := _existing(cfg, t.name, day, parent, fp)):
         _log_reused(t.name, day, ckpt)
         return _summary(ckpt)
-    data = load_days(cfg.root, cfg.spec, [day])
+    data = open_day(cfg.root, cfg.spec, day, t.model.shuffle_window_rows)
     return _train_and_publish(cfg, t.name, "teacher", t.model, [], day, data, parent, NO_KD, None, {}, fp)
 
 
@@ -180,13 +182,17 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
             log.info("%s %s: %s (labels %s)", name, day, _kd_mode(cfg, s, role, action), _relative(cfg, labels_uri))
         _log_reused(name, day, ckpt)
         return _summary(ckpt)
-    data = load_days(cfg.root, cfg.spec, [day])
+    data = open_day(cfg.root, cfg.spec, day, s.model.shuffle_window_rows)
     soft, extra = None, {"gate_action": action, "kd_applied": use_kd, "distill_mode": s.distill.mode}
     distill = s.distill if use_kd else NO_KD
     if use_kd:
         assert labels_uri
-        joined = load_joined(labels_uri, data.example_ids, cfg.spec, day, cfg.policies.missing_labels)
-        if joined.missing:  # policy allowed it: keep the labelled rows only
+        if isinstance(data, DayStream):  # labels in example order, read alongside, no id column held
+            joined = load_aligned(labels_uri, data.uri, cfg.spec, data.manifest)
+        else:
+            joined = load_joined(labels_uri, data.example_ids, cfg.spec, day, cfg.policies.missing_labels)
+        if joined.missing:
+            assert isinstance(data, DayData)  # policy allowed it: keep the labelled rows only
             data = DayData(cfg.spec, data.table.filter(joined.present), data.days)
             joined.soft = {k: v[joined.present] for k, v in joined.soft.items()}
         soft = fit_adapters(joined.soft, data.hard, list(cfg.spec.tasks), s.distill.adapter, seed=s.model.seed)
