@@ -15,7 +15,7 @@ from kdcore.config import PipelineConfig
 from kdcore.data import examples
 from kdcore.data.spec import Task
 from kdcore.distill.config import DistillConfig
-from kdcore.errors import DataError
+from kdcore.errors import DataError, StorageError
 from kdcore.labels import materialize as mat
 from kdcore.labels.join import load_aligned, load_joined
 from kdcore.models import registry
@@ -219,3 +219,27 @@ def test_streamed_labels_must_follow_the_example_rows(kd: KD):
     with pytest.raises(DataError) as e:
         load_aligned(labels, ex2, cfg.spec)
     assert labels in str(e.value) and ex2 in str(e.value)
+
+
+def test_execution_fields_may_change_between_days_but_the_model_may_not(kd: KD):
+    """optimizer_impl and shuffle_window_rows say how a day is trained: a warm start keeps
+    its lineage when they change (and trains with the new ones); a change of what the
+    model is (here its lr) still refuses the parent."""
+    cfg, D = kd.cfg, kd.day(1)
+    model = cfg.student("student_aux").model
+
+    def with_model(m: RankerConfig) -> PipelineConfig:
+        return cfg.model_copy(update={"students": [x.model_copy(update={"model": m}) if x.name == "student_aux"
+                                                   else x for x in cfg.students]})
+
+    changed = with_model(model.model_copy(update={"optimizer_impl": "for_loop", "shuffle_window_rows": 100}))
+    labels = mat.materialize(changed, D)["uri"]
+    out = steps.student_step(changed, "student_aux", D, labels)
+    ck = registry.find_checkpoint(cfg.root, "movielens", "student_aux", D)
+    assert ck.meta["parent"] == registry.find_checkpoint(cfg.root, "movielens", "student_aux", kd.B).version
+    assert ck.meta["model"]["optimizer_impl"] == "for_loop" and ck.meta["model"]["shuffle_window_rows"] == 100
+    assert out["trained_through"] == D.isoformat()
+
+    refused = with_model(model.model_copy(update={"lr": model.lr * 2}))
+    with pytest.raises(StorageError, match="parent's model config differs"):
+        steps.student_step(refused, "student_aux", kd.day(2), mat.materialize(cfg, kd.day(2))["uri"])

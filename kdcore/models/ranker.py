@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ class RankerConfig(Strict):
     shuffle_window_rows: int = Field(262_144, gt=0, description=(
         "a day with more rows than this is streamed in windows of this many rows, each shuffled on its own "
         "(peak memory flat in the day's size); a day no larger is shuffled whole, exactly as before"))
+
+    # Fields that say how the model is trained, not what it is: a warm start may change them.
+    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = ("optimizer_impl", "shuffle_window_rows")
 
     @field_validator("hidden")
     @classmethod

@@ -62,9 +62,13 @@ def _warm_or_cold(cfg: PipelineConfig, parent: registry.Checkpoint | None, model
     start fitted on ``data`` with a fresh optimizer."""
     if parent is not None:
         model = parent.load(cfg.spec)
-        if model.config != model_cfg or model.aux_tasks != aux:
+        # How a model is computed (optimizer implementation, streaming window) may change
+        # between days; what it computes may not.
+        how = {f: getattr(model_cfg, f) for f in RankerConfig.EXECUTION_FIELDS}
+        if model.config.model_copy(update=how) != model_cfg or model.aux_tasks != aux:
             raise StorageError(f"{parent.uri}: parent's model config differs from the pipeline config; "
                                f"start a new model name or bootstrap again")
+        model.config = model_cfg
         return model, parent.load_optimizer(model), parent.steps
     model = new_model(model_cfg, cfg.spec, aux, data, _seed(model_cfg, day))
     return model, make_optimizer(model), 0
