@@ -33,5 +33,17 @@ browser:
 test: lint browser
 	$(BIN)/python -m pytest -q
 
+# One line per figure, each a ratio or a breakdown measured in the same run (docs/performance.md).
+# BENCH_ROWS sets the day size (1M by default); the whole-day run is the slow one (~10 min at 1M).
+BENCH_ROWS ?= 1000000
+bench: $(STAMP)
+	$(BIN)/python bench/bench_dag_parse.py
+	$(BIN)/python bench/bench_shift.py --rows $(BENCH_ROWS)
+	$(BIN)/python bench/bench_integrity.py --rows $(BENCH_ROWS)
+	$(BIN)/python bench/bench_label_bytes.py --rows $(BENCH_ROWS)
+	$(BIN)/python bench/bench_labels.py --rows $(BENCH_ROWS)
+	$(BIN)/python bench/bench_training.py --rows $(BENCH_ROWS)
+	$(BIN)/python bench/bench_day.py --rows $(BENCH_ROWS)
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache
