@@ -31,8 +31,9 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--dis
 def browser():
     if not CHROMIUM.exists():
         pytest.fail("no /usr/bin/chromium: run `make browser` (apt-get install -y chromium)")
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright  # a requirement: missing is a failure, not a skip
+
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
         yield b
         b.close()
