@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 # from a worker, so tasks find these already imported instead of paying ~4.5 s each
 # (docs/performance.md, "Labelling"). Third-party only: kdcore stays imported per task, so
 # new kdcore code takes effect without restarting the scheduler.
-FORKSERVER_PRELOAD = ("airflow", "airflow.executors.local_executor", "numpy", "pyarrow", "pyarrow.parquet",
-                      "pyarrow.compute", "pydantic", "torch")
+THIRD_PARTY_PRELOAD = ("numpy", "pyarrow", "pyarrow.parquet", "pyarrow.compute", "pydantic", "torch")
+FORKSERVER_PRELOAD = ("airflow", "airflow.executors.local_executor", *THIRD_PARTY_PRELOAD)
 
 
 def airflow_env(home: Path, store: str | Path, config: Path, api_port: int = 8080, parallelism: int = 4,
@@ -78,6 +78,8 @@ def celery_env(home: Path, store: str | Path, config: Path, *, sql_alchemy_conn:
         # task states come back through the metadata DB (Celery's SQLAlchemy backend, "db+" URL;
         # the driver stays explicit: SQLAlchemy 2.1's bare "postgresql://" means psycopg 3)
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + sql_alchemy_conn,
+        # Celery workers preload what the LocalExecutor forkserver preloads (scripts/airflow_celery.py)
+        "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "scripts.airflow_celery.CELERY_CONFIG",
         # a task instance records the hostname of the worker that ran it (REST API `hostname`)
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "scripts.airflow_env.worker_hostname",
     })

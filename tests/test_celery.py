@@ -203,6 +203,7 @@ def test_kd_daily_on_celery_two_workers_gcs(tmp_path: Path, gcs_emulator: str) -
     shutil.copytree(local, ref)
     root = f"gs://{gcs_emulator}/celery-{uuid.uuid4().hex[:8]}"
     _copy_to_gcs(local, root)
+    phases = {"data (publish, bootstrap, copy to gs://)": time.monotonic() - t_start}
     logdir = tmp_path / "logs"
     logdir.mkdir()
     # the reference: the CLI, no Airflow, same inputs; runs while the deployment starts
@@ -233,6 +234,8 @@ def test_kd_daily_on_celery_two_workers_gcs(tmp_path: Path, gcs_emulator: str) -
             for w in comps[3:]:
                 wait_until(f"{w.name} ready", lambda w=w: " ready." in w.tail(20000), 180, components=comps)
             wait_until("kd_daily parsed", lambda: api("GET", f"/dags/{DAG_ID}"), 120, components=comps)
+            phases["services up (postgres, redis, migrate, airflow, workers)"] = time.monotonic() - t_start - sum(
+                phases.values())
             run = api("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": {"date": day.isoformat()}})
             api("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
             rid = run["dag_run_id"]
@@ -241,7 +244,7 @@ def test_kd_daily_on_celery_two_workers_gcs(tmp_path: Path, gcs_emulator: str) -
                              in ("success", "failed") and r, 240, interval=2, components=comps,
                              progress=lambda: sorted((t["task_id"], t["map_index"], t["state"] or "")
                                                      for t in _tis(api, rid)))
-            run_seconds = time.monotonic() - t_run
+            run_seconds = phases["the run (trigger to done)"] = time.monotonic() - t_run
             tis = _tis(api, rid)
             print(f"\nkd_daily {day} on Celery ({run_seconds:.0f} s from trigger to done):\n{_timeline(tis)}")
             assert run["state"] == "success", {(t["task_id"], t["map_index"]): t["state"] for t in tis}
@@ -263,4 +266,5 @@ def test_kd_daily_on_celery_two_workers_gcs(tmp_path: Path, gcs_emulator: str) -
     celery_out, cli_out = _outputs(root, day), _outputs(str(ref), day)
     assert len(celery_out["labels"]) >= 2, celery_out["labels"]  # tiny.yaml: labels.shards = 2
     assert celery_out == cli_out
-    print(f"celery test: {time.monotonic() - t_start:.0f} s in all")
+    phases["stop, reference wait, compare"] = time.monotonic() - t_start - sum(phases.values())
+    print("".join(f"{k}: {v:.0f} s\n" for k, v in phases.items()) + f"celery test: {time.monotonic() - t_start:.0f} s in all")
