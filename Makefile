@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_ROOT ?= var/demo
 
-.PHONY: venv demo test lint ui bench clean browser
+.PHONY: venv demo test lint ui bench clean browser celery-deps test-celery
 
 venv: $(STAMP)
 
@@ -29,6 +29,17 @@ lint: $(STAMP)
 # Headless Debian Chromium for tests/test_ui_browser.py (driven by the playwright package; no browser download)
 browser:
 	@test -x /usr/bin/chromium || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+# PostgreSQL and Redis for tests/test_celery.py (Debian packages; the test starts its own
+# throwaway server of each on loopback and stops it: nothing here is configured or started)
+celery-deps:
+	@(ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && test -x /usr/bin/redis-server) \
+	  || apt-get install -y -q postgresql redis-server \
+	  || (apt-get update -q && apt-get install -y -q postgresql redis-server)
+
+# The distributed deployment (docs/deployment.md): CeleryExecutor + PostgreSQL + Redis, two workers, gs://
+test-celery: $(STAMP) celery-deps
+	$(BIN)/python -m pytest -q -s -m celery tests/test_celery.py
 
 test: lint browser
 	$(BIN)/python -m pytest -q

@@ -14,11 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 # from a worker, so tasks find these already imported instead of paying ~4.5 s each
 # (docs/performance.md, "Labelling"). Third-party only: kdcore stays imported per task, so
 # new kdcore code takes effect without restarting the scheduler.
-FORKSERVER_PRELOAD = ("airflow", "airflow.executors.local_executor", "numpy", "pyarrow", "pyarrow.parquet",
-                      "pyarrow.compute", "pydantic", "torch")
+THIRD_PARTY_PRELOAD = ("numpy", "pyarrow", "pyarrow.parquet", "pyarrow.compute", "pydantic", "torch")
+FORKSERVER_PRELOAD = ("airflow", "airflow.executors.local_executor", *THIRD_PARTY_PRELOAD)
 
 
-def airflow_env(home: Path, store: Path, config: Path, api_port: int = 8080, parallelism: int = 4,
+def airflow_env(home: Path, store: str | Path, config: Path, api_port: int = 8080, parallelism: int = 4,
                 retry_delay_seconds: int = 2, sensor_poke_seconds: int = 5, sensor_timeout_seconds: int = 20,
                 **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "KD_"))}
@@ -56,3 +56,41 @@ def airflow_env(home: Path, store: Path, config: Path, api_port: int = 8080, par
     })
     env.update(extra)
     return env
+
+
+def celery_env(home: Path, store: str | Path, config: Path, *, sql_alchemy_conn: str, broker_url: str,
+               api_port: int = 8080, parallelism: int = 4, **extra: str) -> dict[str, str]:
+    """The distributed variant (docs/deployment.md): CeleryExecutor, a PostgreSQL metadata DB
+    (``postgresql+psycopg2://...``) and a Redis broker; everything else as in ``airflow_env``,
+    so the scheduler, API server, DAG processor and every worker agree on DAGs and storage.
+
+    Dropped from the embedded default: the SQLite connect args (they are SQLite's), and the
+    scheduler's forkserver preload (a LocalExecutor speed-up: with Celery, tasks run in the
+    workers, and the scheduler's forkserver would only hold torch in memory for nothing)."""
+    env = airflow_env(home, store, config, api_port=api_port, parallelism=parallelism)
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC",
+                "AIRFLOW__SCHEDULER__MP_START_METHOD", "AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD"):
+        env.pop(key)
+    env.update({
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql_alchemy_conn,
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        # task states come back through the metadata DB (Celery's SQLAlchemy backend, "db+" URL;
+        # the driver stays explicit: SQLAlchemy 2.1's bare "postgresql://" means psycopg 3)
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + sql_alchemy_conn,
+        # Celery workers preload what the LocalExecutor forkserver preloads (scripts/airflow_celery.py)
+        "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "scripts.airflow_celery.CELERY_CONFIG",
+        # a task instance records the hostname of the worker that ran it (REST API `hostname`)
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "scripts.airflow_env.worker_hostname",
+    })
+    env.update(extra)
+    return env
+
+
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` of the Celery variant: ``$KD_WORKER_HOSTNAME`` when set, else
+    the FQDN (Airflow's default). Workers on separate machines differ by FQDN anyway; setting the
+    variable tells apart several workers on one machine (the tests, a big host)."""
+    import socket
+
+    return os.environ.get("KD_WORKER_HOSTNAME") or socket.getfqdn()
