@@ -41,7 +41,7 @@ celery-deps:
 test-celery: $(STAMP) celery-deps
 	$(BIN)/python -m pytest -q -s -m celery tests/test_celery.py
 
-test: lint browser
+test: lint browser celery-deps
 	$(BIN)/python -m pytest -q
 
 # One line per figure, each a ratio or a breakdown measured in the same run (docs/performance.md).
