@@ -11,7 +11,7 @@ would be (so each pays its imports, and its peak RSS is its own):
 and prints one line per stage: wall seconds, share of the day, peak RSS (VmHWM) in MB.
 Run it at several sizes to see whether memory stays flat (``--rows 4000000``...).
 
-Run: .venv/bin/python bench/bench_day.py [--rows N] [--boot-rows N] [--shards K]
+Run: .venv/bin/python bench/bench_day.py [--rows N] [--boot-rows N] [--shards K] [--only labels,gate,...]
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def main() -> int:
     ap.add_argument("--boot-rows", type=int, default=50_000, help="rows of the bootstrap day before it")
     ap.add_argument("--shards", type=int, default=2, help="label shards (run one after another here)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--only", default=None, help="comma-separated stages to time (teacher,labels,gate,students "
+                    "or a model name, report); default all. Labels come from the bootstrapped teacher either way")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="kd-bench-day-") as tmp:
         root = Path(tmp)
@@ -92,14 +94,23 @@ def main() -> int:
         setup = time.perf_counter() - t0
         d = D1.isoformat()
         run = ["run", "--config", cfg, "--from", d, "--to", d, "--quiet", "--stages"]
-        results = [_stage("teacher refresh", [*run, "teacher"]), _stage("labels", [*run, "labels"]),
-                   _stage("gate", [*run, "gate"])]
+        only = set(args.only.split(",")) if args.only else None
+
+        def wanted(*names: str) -> bool:
+            return only is None or bool(only & set(names))
+
+        results = []
+        for stage in ("teacher", "labels", "gate"):
+            if wanted(stage):
+                results.append(_stage("teacher refresh" if stage == "teacher" else stage, [*run, stage]))
         from kdcore.config import load_pipeline
 
         for s in load_pipeline(cfg).all_students():
-            results.append(_stage(f"student {s.name}", ["student", "train", "--config", cfg, "--name", s.name,
-                                                        "--date", d]))
-        results.append(_stage("report", ["report", "--config", cfg]))
+            if wanted("students", s.name):
+                results.append(_stage(f"student {s.name}", ["student", "train", "--config", cfg, "--name", s.name,
+                                                            "--date", d]))
+        if wanted("report"):
+            results.append(_stage("report", ["report", "--config", cfg]))
     total = sum(r["seconds"] for r in results)
     print(f"bench_day: {args.rows:,} rows, {args.shards} label shard(s) in sequence; setup (publish + bootstrap "
           f"on {args.boot_rows:,} rows) {setup:.0f} s")
