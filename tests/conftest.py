@@ -140,3 +140,16 @@ def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return str(root)
     bucket = request.getfixturevalue("gcs_emulator")
     return f"gs://{bucket}/{uuid.uuid4().hex}"
+
+
+# The longest test files first (make test runs two xdist workers, one file each at a time):
+# a long file started last leaves the other worker idle while it runs. Measured with
+# `pytest --durations`; the order only changes wall time, never what is tested.
+LONGEST_FIRST = ("test_airflow_integration.py", "test_hitl_promotion.py", "test_celery.py", "test_dag_run.py",
+                 "test_faults.py", "test_teacher_search.py", "test_experiments.py", "test_ui_plugin.py",
+                 "test_ui_browser.py", "test_fail_fast.py", "test_bad_input.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
