@@ -41,10 +41,11 @@ celery-deps:
 test-celery: $(STAMP) celery-deps
 	$(BIN)/python -m pytest -q -s -m celery tests/test_celery.py
 
-# Two workers, one test file each at a time (--dist loadfile): the Airflow tests mostly wait
-# on schedulers while the other worker trains, so the suite's wall time drops by a third.
+# Two workers, one test file each at a time (--dist loadfile), longest files first
+# (tests/conftest.py orders them; --no-loadscope-reorder keeps that order instead of xdist's
+# "most tests first"): the Airflow tests mostly wait on schedulers while the other worker computes.
 test: lint browser celery-deps
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # One line per figure, each a ratio or a breakdown measured in the same run (docs/performance.md).
 # BENCH_ROWS sets the day size (1M by default); the whole-day run is the slow one (~10 min at 1M).
