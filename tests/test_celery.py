@@ -47,6 +47,7 @@ from tests.airflow_helpers import (
     prepare_store,
     wait_until,
 )
+from tests.faultproxy import stop_process
 
 pytestmark = pytest.mark.celery
 WORKERS = ("worker-a", "worker-b")
@@ -124,12 +125,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
         wait_until("redis PING", lambda: proc.poll() is None and _redis_ping(port), 30, interval=0.2)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 # ---------------------------------------------------------------- data
