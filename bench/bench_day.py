@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,11 +35,10 @@ D0, D1 = dt.date(2026, 1, 1), dt.date(2026, 1, 2)
 def _child(argv: list[str]) -> int:
     """Run one ``kd`` command in this process, then report its peak RSS (VmHWM)."""
     from kdcore import cli
+    from kdcore.sysinfo import peak_rss_mb
 
     rc = cli.main(argv)
-    status = Path("/proc/self/status").read_text()
-    hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    print("BENCH " + json.dumps({"rc": rc, "rss_mb": hwm_kb / 1024}), flush=True)
+    print("BENCH " + json.dumps({"rc": rc, "rss_mb": peak_rss_mb()}), flush=True)
     return rc
 
 
@@ -49,10 +49,12 @@ def _stage(name: str, argv: list[str]) -> dict:
     line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"stage {name} failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    return {"stage": name, "seconds": wall, **json.loads(line[6:])}
+    result = {"stage": name, "seconds": wall, **json.loads(line[6:])}
+    print(f"  ({time.strftime('%H:%M:%S')} {name}: {wall:.1f} s, peak RSS {result['rss_mb']:.0f} MB)", flush=True)
+    return result
 
 
-def _config(root: Path, shards: int) -> Path:
+def day_config(root: Path, shards: int) -> Path:
     """configs/demo.yaml on the synthetic dataset under ``root``: the demo's models and policies."""
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     cfg["dataset"] = str(REPO / "configs" / "synth.yaml")
@@ -65,13 +67,14 @@ def _config(root: Path, shards: int) -> Path:
     return path
 
 
-def _publish(root: Path, rows: int, boot_rows: int) -> None:
-    from kdcore.data import examples, synth
-
-    for day, n in ((D0, boot_rows), (D1, rows)):
-        scfg = synth.SynthConfig(rows_per_day=n, start_date=D0, seed=0)
-        examples.publish_day(str(root / "store"), synth.dataset_spec(), day, synth.generate_day(scfg, day),
-                             {"source": "synth", "synth": scfg.model_dump(mode="json")})
+def _publish(root: Path, rows: int, boot_rows: int) -> list[dict]:
+    """Publish D0 and D1 with ``kd data synth`` (a timed stage each: the generator streams)."""
+    synth_cfg = root / "synth.yaml"
+    synth_cfg.write_text(yaml.safe_dump({"start_date": D0.isoformat()}))
+    return [_stage(f"kd data synth {day}", ["data", "synth", "--root", str(root / "store"), "--from", day.isoformat(),
+                                            "--to", day.isoformat(), "--rows-per-day", str(n), "--config",
+                                            str(synth_cfg)])
+            for day, n in ((D0, boot_rows), (D1, rows))]
 
 
 def main() -> int:
@@ -82,16 +85,23 @@ def main() -> int:
     ap.add_argument("--boot-rows", type=int, default=50_000, help="rows of the bootstrap day before it")
     ap.add_argument("--shards", type=int, default=2, help="label shards (run one after another here)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--keep-result", default=None, metavar="DIR",
+                    help="copy the root after the day to DIR (bench/bench_dag_day.py --compare DIR/store)")
+    ap.add_argument("--keep-bootstrap", default=None, metavar="DIR",
+                    help="copy the bootstrapped root (both days published, D0 trained) to DIR before D1 runs, "
+                         "so bench/bench_dag_day.py can run D1 through Airflow from the same state")
     ap.add_argument("--only", default=None, help="comma-separated stages to time (teacher,labels,gate,students "
                     "or a model name, report); default all. Labels come from the bootstrapped teacher either way")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="kd-bench-day-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        _publish(root, args.rows, args.boot_rows)
-        cfg = str(_config(root, args.shards))
+        synth = _publish(root, args.rows, args.boot_rows)
+        cfg = str(day_config(root, args.shards))
         _stage("bootstrap", ["bootstrap", "--config", cfg, "--through", D0.isoformat()])
         setup = time.perf_counter() - t0
+        if args.keep_bootstrap:
+            shutil.copytree(root / "store", Path(args.keep_bootstrap) / "store")
         d = D1.isoformat()
         run = ["run", "--config", cfg, "--from", d, "--to", d, "--quiet", "--stages"]
         only = set(args.only.split(",")) if args.only else None
@@ -111,9 +121,13 @@ def main() -> int:
                                                             "--date", d]))
         if wanted("report"):
             results.append(_stage("report", ["report", "--config", cfg]))
+        if args.keep_result:
+            shutil.copytree(root / "store", Path(args.keep_result) / "store")
     total = sum(r["seconds"] for r in results)
     print(f"bench_day: {args.rows:,} rows, {args.shards} label shard(s) in sequence; setup (publish + bootstrap "
           f"on {args.boot_rows:,} rows) {setup:.0f} s")
+    for r in synth:
+        print(f"  {r['stage']:<28} {r['seconds']:8.1f} s  (setup)  peak RSS {r['rss_mb']:7.0f} MB")
     for r in results:
         print(f"  {r['stage']:<28} {r['seconds']:8.1f} s  {100 * r['seconds'] / total:5.1f}%  "
               f"peak RSS {r['rss_mb']:7.0f} MB")
@@ -121,7 +135,8 @@ def main() -> int:
     print(f"  {'whole day':<28} {total:8.1f} s  100.0%  peak RSS {max(r['rss_mb'] for r in results):7.0f} MB "
           f"(students {students:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": args.rows, "stages": results, "total_seconds": total},
+        Path(args.json).write_text(json.dumps({"rows": args.rows, "synth": synth, "stages": results,
+                                               "total_seconds": total},
                                               indent=1))
     return 0
 

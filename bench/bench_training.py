@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from torch.nn import functional as F
 from kdcore.data import examples, synth
 from kdcore.models.features import FeatureSet
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
+from kdcore.sysinfo import peak_rss_mb
 from kdcore.training.data import DayStream, load_days, open_day
 from kdcore.training.loop import NO_KD, fit, fit_day, model_features, new_model, set_determinism
 
@@ -154,28 +154,14 @@ def _child(root: str, day: str, window: int | None) -> None:
     """A fresh process: one student day step's data path (open, cold start, train), then
     print its peak RSS; ``day`` "baseline": imports only."""
     if window is None:
-        print(json.dumps({"maxrss_mb": _peak_rss_mb(), "streamed": False, "rows": 0}))
+        print(json.dumps({"maxrss_mb": peak_rss_mb(), "streamed": False, "rows": 0}))
         return
     set_determinism(1)
     spec = synth.dataset_spec()
     data = open_day(root, spec, dt.date.fromisoformat(day), window)
     model = new_model(_student_cfg(window), spec, [], data, seed=0)
     fit_day(model, data, None, NO_KD, seed=0)
-    print(json.dumps({"maxrss_mb": _peak_rss_mb(), "streamed": isinstance(data, DayStream), "rows": len(data)}))
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM is the high-water mark of this process's own memory
-    map; ru_maxrss (the fallback off Linux) keeps the pre-exec value of the forked
-    parent, which here would be the benchmark holding the whole day."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"maxrss_mb": peak_rss_mb(), "streamed": isinstance(data, DayStream), "rows": len(data)}))
 
 
 def peak_rss(root: str, rows: int, window: int) -> None:

@@ -164,8 +164,12 @@ def _no_retry(what: str) -> Iterator[None]:
     """Errors that a retry cannot change fail the task at once (AirflowFailException):
     kdcore's DataError, SpecError, LineageError, GateError and plain KDError (labels not
     materialized, unknown student, ...). StorageError (a partition read/write that may be
-    transient, ConflictError included) propagates and is retried with backoff."""
+    transient, ConflictError included) propagates and is retried with backoff.
+
+    A finished body logs the task process's peak RSS: what a worker slot must hold for this
+    task at this day size (bench/bench_dag_day.py collects it per task)."""
     from kdcore.errors import KDError, StorageError
+    from kdcore.sysinfo import peak_rss_mb
 
     try:
         yield
@@ -174,6 +178,7 @@ def _no_retry(what: str) -> Iterator[None]:
     except KDError as e:
         raise AirflowFailException(f"{what}: {type(e).__name__}: {e} (not retried: the inputs will not change)") \
             from None
+    log.info("%s: done, peak RSS %.0f MB", what, peak_rss_mb())
 
 
 @task(task_id="resolve")

@@ -72,6 +72,35 @@ def sha_tree(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def run_outputs(root: str, config: Path, day: dt.date) -> dict[str, Any]:
+    """The bytes the run for ``day`` produced under ``root`` (local or gs://), as digests:
+    each label file's sha256 (from the labels' manifest), and per model each checkpoint
+    blob's sha256 but meta.json's, and meta.json itself without ``train_seconds``. Two
+    executions of the same day (CLI, LocalExecutor, Celery) must give equal results."""
+    from kdcore.config import load_pipeline
+    from kdcore.models import registry
+    from kdcore.pipeline import find_labels
+    from kdcore.storage.partition import read_manifest
+
+    old = os.environ.get("KD_STORAGE_ROOT")
+    os.environ["KD_STORAGE_ROOT"] = root  # read by cfg.root
+    try:
+        cfg = load_pipeline(config)
+        ds = cfg.spec.name
+        out: dict[str, Any] = {"labels": {f.name: f.sha256 for f in read_manifest(find_labels(cfg, day)).files}}
+        for name in [cfg.teacher.name, *[s.name for s in cfg.all_students()]]:
+            ck = registry.find_checkpoint(cfg.root, ds, name, day)
+            out[name] = {"blobs": {f.name: f.sha256 for f in read_manifest(ck.uri).files
+                                   if f.name != registry.META},
+                         "meta": {k: v for k, v in ck.meta.items() if k != "train_seconds"}}
+        return out
+    finally:
+        if old is None:
+            del os.environ["KD_STORAGE_ROOT"]
+        else:
+            os.environ["KD_STORAGE_ROOT"] = old
+
+
 def mtimes(path: Path) -> dict[str, int]:
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*")) if p.is_file()}
 

@@ -30,7 +30,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -45,6 +44,7 @@ from tests.airflow_helpers import (
     free_port,
     init_airflow,
     prepare_store,
+    run_outputs,
     wait_until,
 )
 from tests.faultproxy import stop_process
@@ -143,30 +143,6 @@ def _copy_to_gcs(local: Path, root: str) -> None:
                     use_threads=True)
 
 
-def _outputs(root: str, day: dt.date) -> dict[str, Any]:
-    """The bytes the run for ``day`` produced under ``root``, as digests: each label file's
-    sha256 (from the labels' manifest), and per model each checkpoint blob's sha256 but
-    meta.json's, and meta.json itself without ``train_seconds``."""
-    from kdcore.config import load_pipeline
-    from kdcore.models import registry
-    from kdcore.pipeline import find_labels
-    from kdcore.storage.partition import read_manifest
-
-    os.environ["KD_STORAGE_ROOT"] = root  # read by cfg.root
-    try:
-        cfg = load_pipeline(TINY)
-        ds = cfg.spec.name
-        out: dict[str, Any] = {"labels": {f.name: f.sha256 for f in read_manifest(find_labels(cfg, day)).files}}
-        for name in [cfg.teacher.name, *[s.name for s in cfg.all_students()]]:
-            ck = registry.find_checkpoint(cfg.root, ds, name, day)
-            out[name] = {"blobs": {f.name: f.sha256 for f in read_manifest(ck.uri).files
-                                   if f.name != registry.META},
-                         "meta": {k: v for k, v in ck.meta.items() if k != "train_seconds"}}
-        return out
-    finally:
-        del os.environ["KD_STORAGE_ROOT"]
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -259,7 +235,7 @@ def test_kd_daily_on_celery_two_workers_gcs(tmp_path: Path, gcs_emulator: str) -
         finally:
             ref_log.close()
     assert reference.returncode == 0, (logdir / "reference.log").read_text(errors="replace")[-4000:]
-    celery_out, cli_out = _outputs(root, day), _outputs(str(ref), day)
+    celery_out, cli_out = run_outputs(root, TINY, day), run_outputs(str(ref), TINY, day)
     assert len(celery_out["labels"]) >= 2, celery_out["labels"]  # tiny.yaml: labels.shards = 2
     assert celery_out == cli_out
     phases["stop, reference wait, compare"] = time.monotonic() - t_start - sum(phases.values())

@@ -75,36 +75,43 @@ def distillation_loss(output: RankerOutput, hard: dict[str, torch.Tensor],
     is what the report shows), and 'total'. `soft` holds teacher predictions
     (probabilities for binary, head-space values for regression), possibly corrected by
     the student adapter; it may be None when no task is distilled."""
-    total = output.serving[tasks[0].name].new_zeros(())
+    # Per step, so no tensor op that changes nothing: a weight of 1.0 is not multiplied in,
+    # the sum starts at the first term rather than a zero, and each logged part is the value
+    # of a tensor the loss already holds (the same values, bit for bit, as the long form).
+    total: torch.Tensor | None = None
     parts: dict[str, float] = {}
     distilled = cfg.distilled_tasks([t.name for t in tasks if t.served], [t.name for t in tasks])
     for t in tasks:
         serving = output.serving[t.name]
         y = _require(hard, t.name, "hard labels")
         h = hard_loss(t.kind, serving, y)
-        parts[f"hard/{t.name}"] = float(h.detach())
+        parts[f"hard/{t.name}"] = h.item()
         if t.name not in distilled:
-            total = total + t.loss_weight * h
-            parts[f"task/{t.name}"] = float(t.loss_weight * h.detach())
-            continue
-        teacher = _require(soft, t.name, "soft (teacher) labels")
-        if cfg.mode == "direct":
-            w = cfg.direct.soft_weight
-            if t.kind == "binary":
-                temp = cfg.direct.temperature
-                s = soft_loss(t.kind, serving / temp, soft_target(t.kind, teacher, 1.0 / temp))
-            else:
-                s = soft_loss(t.kind, serving, soft_target(t.kind, teacher, 1.0))
-            task_loss = (1.0 - w) * h + w * s
+            task_loss = h
+            s = None
         else:
-            if t.name not in output.aux:
-                raise ValueError(f"auxiliary mode needs an auxiliary head for task '{t.name}': "
-                                 "build the model with aux_heads=True")
-            target = soft_target(t.kind, teacher, cfg.auxiliary.soft_label_scale)
-            s = soft_loss(t.kind, output.aux[t.name], target)
-            task_loss = h + cfg.auxiliary.loss_weight * s
-        total = total + t.loss_weight * task_loss
-        parts[f"task/{t.name}"] = float(t.loss_weight * task_loss.detach())
-        parts[f"soft/{t.name}"] = float(s.detach())
-    parts["total"] = float(total.detach())
+            teacher = _require(soft, t.name, "soft (teacher) labels")
+            if cfg.mode == "direct":
+                w = cfg.direct.soft_weight
+                if t.kind == "binary":
+                    temp = cfg.direct.temperature
+                    s = soft_loss(t.kind, serving / temp, soft_target(t.kind, teacher, 1.0 / temp))
+                else:
+                    s = soft_loss(t.kind, serving, soft_target(t.kind, teacher, 1.0))
+                task_loss = (1.0 - w) * h + w * s
+            else:
+                if t.name not in output.aux:
+                    raise ValueError(f"auxiliary mode needs an auxiliary head for task '{t.name}': "
+                                     "build the model with aux_heads=True")
+                target = soft_target(t.kind, teacher, cfg.auxiliary.soft_label_scale)
+                s = soft_loss(t.kind, output.aux[t.name], target)
+                task_loss = h + cfg.auxiliary.loss_weight * s
+        weighted = task_loss if t.loss_weight == 1.0 else t.loss_weight * task_loss
+        total = weighted if total is None else total + weighted
+        parts[f"task/{t.name}"] = weighted.item()
+        if s is not None:
+            parts[f"soft/{t.name}"] = s.item()
+    if total is None:
+        raise ValueError("distillation_loss needs at least one task")
+    parts["total"] = total.item()
     return total, parts
