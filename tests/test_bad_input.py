@@ -216,3 +216,15 @@ def test_bad_input_is_one_clear_line_exit_2_and_nothing_changed(case, kd: KD, tm
     assert tree_digest(kd.root) == before, f"{name}: the failed command changed the storage root"
     assert tree_digest(side) == side_before, f"{name}: the failed command left files behind"
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"kd-publish-{os.getpid()}-*")) == spools
+
+
+@pytest.mark.parametrize("values, expected", [
+    (pa.array([7, 1, 2, 7, 7], pa.int64()), (2, 7)),
+    (pa.array([5, 4, 3], pa.int32()), (0, None)),
+    (pa.array(["a", "b", "a"]), (1, "a")),
+    (pa.array(["a", "b"]), (0, None)),
+])
+def test_duplicate_ids_counts_repeats_and_names_one(values, expected):
+    from kdcore.data.validate import duplicate_ids
+
+    assert duplicate_ids(values) == expected
