@@ -62,7 +62,7 @@ def run_day(cfg: PipelineConfig, day: dt.date, stages: Iterable[str] = STAGES,
     out: dict[str, Any] = {"date": day.isoformat()}
     # A day that breaks the data contract stops here, before the teacher trains on it: the
     # stale-teacher fallback below is for a failed refresh, never for bad data.
-    out["examples"] = ensure_valid(cfg.root, cfg.spec, day)
+    out["examples"] = ensure_valid(cfg.root, cfg.spec, day, record=True)
     if "teacher" in stages and not teacher_version:
         try:
             out["teacher"] = refresh_teacher(cfg, day, force)

@@ -300,7 +300,7 @@ def _validate(plan: dict[str, Any]) -> None:
     with _no_retry("pipeline config"):
         cfg = _cfg(plan)
     try:
-        out = ensure_valid(cfg.root, cfg.spec, _day(plan))
+        out = ensure_valid(cfg.root, cfg.spec, _day(plan), record=True)
     except DataError as e:
         raise AirflowFailException(f"examples of {plan['date']} fail validation, nothing trains on them: {e}") from None
     log.info("examples of %s valid: %d rows (examples %s)", plan["date"], out["rows"], out["examples_sha256"][:12])

@@ -10,6 +10,8 @@ the column and an offending example; nothing is published for it."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -19,22 +21,86 @@ import pyarrow.compute as pc
 from kdcore.data import examples
 from kdcore.data.spec import DatasetSpec
 from kdcore.errors import DataError, StorageError
+from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 
+log = logging.getLogger(__name__)
+
 _VALID: dict[tuple[str, str], dict[str, Any]] = {}  # (uri, manifest digest) -> summary
+_RECORDED: set[tuple[str, str]] = set()  # of those, the ones a stored record matches
+# Bump when a rule is added or tightened: records of an older version are checked again.
+RULES_VERSION = 1
+RECORD = "validation.json"
 
 
-def ensure_valid(root: str, spec: DatasetSpec, day: dt.date) -> dict[str, Any]:
-    """Validate ``day`` once per published version (cached in this process by the
-    manifest digest, so a re-published day is checked again)."""
+def record_uri(root: str, dataset: str, day: dt.date) -> str:
+    """``<root>/validation/<dataset>/date=D``: the last passed validation of D's examples."""
+    return sfs.join(root, "validation", dataset, f"date={day.isoformat()}")
+
+
+def ensure_valid(root: str, spec: DatasetSpec, day: dt.date, record: bool = False) -> dict[str, Any]:
+    """Validate ``day`` once per published version of its examples.
+
+    The pipeline's boundary check (the DAG's ``wait_for_examples``, ``kd run``'s first step
+    of a day) passes ``record=True``: a day that passes gets a record keyed by the examples'
+    manifest digest, the digest of the day before (the schema check compares with it) and
+    ``RULES_VERSION``. Every later step for that day (teacher, label shards, students,
+    reruns) finds it and reads nothing but manifests instead of the whole day; without a
+    matching record a step validates the day itself and writes nothing, so a command that
+    fails later leaves the storage root as it was. A re-published day has another digest
+    and is checked again. Within a process the result is also cached."""
     uri = examples.examples_uri(root, spec.name, day)
     if not part.is_published(uri):
         raise StorageError(f"no examples published for {day} ({uri}); publish the day first")
     manifest = part.read_manifest(uri)  # a corrupt manifest is its own error
-    key = (uri, part.manifest_digest(manifest))
+    digest = part.manifest_digest(manifest)
+    key = (uri, digest)
     if key not in _VALID:
-        _VALID[key] = validate_day(root, spec, day, manifest)
+        before = _previous_digest(root, spec, day)  # the schema check compares with the day before
+        summary = _recorded(root, spec, day, digest, before)
+        if summary is not None:
+            _RECORDED.add(key)
+        else:
+            summary = validate_day(root, spec, day, manifest)
+        _VALID[key] = {**summary, "uri": uri}
+    if record and key not in _RECORDED:
+        _record(root, spec, day, _VALID[key], _previous_digest(root, spec, day))
+        _RECORDED.add(key)
     return _VALID[key]
+
+
+def _previous_digest(root: str, spec: DatasetSpec, day: dt.date) -> str | None:
+    before = [d for d in examples.list_days(root, spec.name) if d < day]
+    return part.manifest_digest(part.read_manifest(examples.examples_uri(root, spec.name, before[-1]))) \
+        if before else None
+
+
+def _recorded(root: str, spec: DatasetSpec, day: dt.date, digest: str, before: str | None
+              ) -> dict[str, Any] | None:
+    rec_uri = record_uri(root, spec.name, day)
+    try:
+        if not part.is_published(rec_uri):
+            return None
+        rec = json.loads(part.read_blob(rec_uri, RECORD))
+    except (StorageError, ValueError) as e:  # unreadable: check the day again (and rewrite the record)
+        log.warning("%s: validation record unreadable (%s); validating the day again", rec_uri, e)
+        return None
+    if (rec.get("examples_sha256"), rec.get("previous_sha256"), rec.get("rules_version")) != \
+            (digest, before, RULES_VERSION):
+        return None
+    return {k: rec[k] for k in ("date", "rows", "examples_sha256")}
+
+
+def _record(root: str, spec: DatasetSpec, day: dt.date, summary: dict[str, Any], before: str | None) -> None:
+    """Best effort: a task that cannot write the record (a concurrent shard wrote it first, a
+    read-only root) has still validated the day, and a later task just checks it again."""
+    body = {"date": summary["date"], "rows": summary["rows"], "examples_sha256": summary["examples_sha256"],
+            "previous_sha256": before, "rules_version": RULES_VERSION}
+    try:
+        part.publish_blobs(record_uri(root, spec.name, day), {RECORD: json.dumps(body, sort_keys=True).encode()},
+                           {"kind": "validation", "date": summary["date"]})
+    except StorageError as e:
+        log.warning("validation of %s passed but its record was not written (%s)", day, e)
 
 
 def validate_day(root: str, spec: DatasetSpec, day: dt.date, manifest: part.Manifest | None = None,

@@ -167,25 +167,84 @@ def _grouped_auc(positive: np.ndarray, scores: np.ndarray,
 # Cores: inputs already validated, non-empty and finite.
 
 def _auc_core(y: np.ndarray, s: np.ndarray) -> float:
-    per_group, _ = _grouped_auc(y == 1, s, np.zeros(len(s), dtype=np.int64), 1)
-    return float(per_group[0])
+    """:func:`_grouped_auc` for one group without its per-row group arrays (a 10M-row day:
+    ~330 MB at most instead of ~770 MB). The same number bit for bit: rank sums are sums of
+    half-integers below 2**52, exact in any order."""
+    n = len(s)
+    order = np.argsort(s)
+    s_sorted, positive = s[order], (y == 1)[order]
+    del order
+    new_run = np.empty(n, dtype=bool)
+    new_run[0] = True
+    np.not_equal(s_sorted[1:], s_sorted[:-1], out=new_run[1:])
+    del s_sorted
+    run_starts = np.flatnonzero(new_run)
+    del new_run
+    run_len = np.diff(np.append(run_starts, n))
+    run_rank = run_starts + (run_len + 1) / 2.0
+    del run_len
+    pos_per_run = np.add.reduceat(positive, run_starts, dtype=np.int64)
+    n_pos = float(pos_per_run.sum())
+    n_neg = float(n) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return _NAN
+    rank_sum_pos = float(np.dot(run_rank, pos_per_run))
+    return float((rank_sum_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+# GAUC of a larger day is computed bucket by bucket (buckets of whole groups, by group id),
+# so its per-row temporaries are a bucket's, not the day's.
+GAUC_BUCKET_ROWS = 1 << 20
 
 
 def _gauc_core(y: np.ndarray, s: np.ndarray, grp: np.ndarray) -> float:
     if grp.dtype.kind in "fc" and np.isnan(grp).any():
         return _NAN  # a row without a group cannot be placed: undefined, not dropped
-    uniq, codes = np.unique(grp, return_inverse=True)
-    per_group, size = _grouped_auc(y == 1, s, codes.reshape(-1), len(uniq))
+    k = -(-len(s) // GAUC_BUCKET_ROWS)
+    if k <= 1 or grp.dtype.kind not in "iu":
+        uniq, codes = np.unique(grp, return_inverse=True)
+        per_group, size = _grouped_auc(y == 1, s, codes.reshape(-1), len(uniq))
+    else:
+        # A group's AUC depends on its own rows only, so each bucket gives exactly the numbers
+        # the whole day gives; put back in sorted group order, the weighted mean below adds
+        # them in the same order too: the same GAUC bit for bit.
+        bucket = np.remainder(grp, k).astype(np.min_scalar_type(k))
+        parts = []
+        for b in range(k):
+            rows = np.flatnonzero(bucket == b)
+            if rows.size:
+                uniq, codes = np.unique(grp[rows], return_inverse=True)
+                parts.append((uniq, *_grouped_auc(y[rows] == 1, s[rows], codes.reshape(-1), len(uniq))))
+        del bucket
+        by_value = np.argsort(np.concatenate([u for u, _, _ in parts]), kind="stable")
+        per_group = np.concatenate([g for _, g, _ in parts])[by_value]
+        size = np.concatenate([z for _, _, z in parts])[by_value]
     ok = ~np.isnan(per_group)
     if not ok.any():
         return _NAN
     return float(np.sum(per_group[ok] * size[ok]) / np.sum(size[ok]))
 
 
+# Per-row terms are computed this many rows at a time into one float64 array, then averaged
+# whole: the same mean bit for bit as the one-expression form, without its six day-sized
+# temporaries (10M rows: 458 MB -> ~100 MB).
+_CHUNK = 1 << 18
+
+
+def _row_terms(n: int, term) -> np.ndarray:
+    out = np.empty(n, dtype=np.float64)
+    for a in range(0, n, _CHUNK):
+        out[a:a + _CHUNK] = term(slice(a, a + _CHUNK))
+    return out
+
+
 def _log_loss_core(y: np.ndarray, p: np.ndarray, eps: float) -> float:
-    y = y.astype(np.float64, copy=False)
-    p = np.clip(p.astype(np.float64), eps, 1.0 - eps)
-    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+    def term(r: slice) -> np.ndarray:
+        yc = y[r].astype(np.float64, copy=False)
+        pc_ = np.clip(p[r].astype(np.float64), eps, 1.0 - eps)
+        return yc * np.log(pc_) + (1.0 - yc) * np.log1p(-pc_)
+
+    return float(-np.mean(_row_terms(len(y), term)))
 
 
 def _ne_core(y: np.ndarray, p: np.ndarray, logloss: float | None = None) -> float:
@@ -288,11 +347,12 @@ def calibration(labels: ArrayLike, probs: ArrayLike) -> float:
 
 
 def _rmse_core(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+    return float(np.sqrt(np.mean(_row_terms(len(a), lambda r: (a[r].astype(np.float64)
+                                                                - b[r].astype(np.float64)) ** 2))))
 
 
 def _mae_core(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+    return float(np.mean(_row_terms(len(a), lambda r: np.abs(a[r].astype(np.float64) - b[r].astype(np.float64)))))
 
 
 def _regression_defined(a: np.ndarray, b: np.ndarray) -> bool:

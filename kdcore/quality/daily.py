@@ -13,8 +13,12 @@ import datetime as dt
 import json
 import logging
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
 
 from kdcore.config import PipelineConfig
 from kdcore.data import examples
@@ -57,19 +61,24 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
     except StorageError:
         raise StorageError(f"{teacher.uri}: teacher checkpoint has no reference profile ({PROFILE}); "
                            f"refresh the teacher with this version of kdcore") from None
-    data = examples.read_day(cfg.root, spec, day)
+    # The day is never held whole (flat memory in its size): the shift streams it, the
+    # label checks read the ids and hard labels only, and GX sees an evenly spaced sample.
+    shift = compare(profile, examples.iter_day(cfg.root, spec, day, columns=_shift_columns(profile, spec)), spec)
     # Decoded from the declared encoding; a column not stored as declared stays raw, so its
     # dtype error is a check, not a crash.
     labels = decode_labels(part.read_table(labels_uri, manifest=labels_manifest), meta, spec, strict=False)
-    shift = compare(profile, data, spec)
     staleness = int(meta["staleness_days"])
     lineage = teacher_lineage(meta, teacher, cfg.policies.label_lag_days)
-    checks = check_labels(labels, data, spec, staleness, lineage)
+    hard = examples.read_day(cfg.root, spec, day, columns=[spec.example_id, *(t.label_column for t in spec.tasks)])
+    checks = check_labels(labels, hard, spec, staleness, lineage)
+    del labels, hard
     decision = evaluate_gate(shift, checks, cfg.gate)
     with tempfile.TemporaryDirectory(prefix="kd-gx-") as tmp:
         from kdcore.quality.expectations import validate_day
 
-        gx = validate_day(data, profile, spec, shift, tmp, run_name=f"{spec.name}-{day.isoformat()}")
+        sample = sample_rows(examples.iter_day(cfg.root, spec, day), shift.cur_rows, cfg.gate.expectations_max_rows)
+        gx = validate_day(sample, profile, spec, shift, tmp, run_name=f"{spec.name}-{day.isoformat()}")
+        del sample
         docs = {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
     # Expectations inform (warn) but do not by themselves stop distillation.
     gx_check = CheckResult(name="expectations", value=float(gx.unsuccessful), warn=0.0, fail=float("inf"),
@@ -108,6 +117,28 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
             "teacher_version": teacher.version, "teacher_stale": lineage.stale, "staleness_days": staleness,
             "expected_staleness_days": lineage.expected_staleness_days,
             "checks": {c.name: {"value": c.value, "status": c.status} for c in checks_all}}
+
+
+def _shift_columns(profile: Profile, spec: DatasetSpec) -> list[str]:
+    """What ``compare`` reads: the profiled features and the label columns, in schema order."""
+    wanted = {*profile.numeric, *profile.categorical, *(t.label_column for t in spec.tasks)}
+    return [c for c in spec.required_columns if c in wanted]
+
+
+def sample_rows(batches: Iterable[pa.RecordBatch], rows: int, max_rows: int) -> pa.Table:
+    """Every k-th row of a day of ``rows`` rows (k = ceil(rows / max_rows)), starting at the
+    first: the whole day when it fits, else at most ``max_rows`` rows spread over all of it
+    (so every hour and every file is represented), the same rows on every run."""
+    step = max(1, -(-rows // max_rows))
+    taken, seen = [], 0
+    for batch in batches:
+        first = (-seen) % step  # the first row of this batch whose day index is a multiple of step
+        if step == 1:
+            taken.append(batch)
+        elif first < batch.num_rows:
+            taken.append(batch.take(pa.array(np.arange(first, batch.num_rows, step))))
+        seen += batch.num_rows
+    return pa.Table.from_batches(taken)
 
 
 def check_table(checks: list[CheckResult], detail_chars: int = 90) -> str:

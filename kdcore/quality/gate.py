@@ -64,6 +64,9 @@ class GatePolicy(Strict):
     invalid_labels: Thresholds = Thresholds(warn=0.0, fail=0.0)  # fraction of label rows; also ids
     ignore_features: list[str] = []  # e.g. raw ids whose daily mix always shifts
     profile_window_days: int = Field(7, ge=1, description="days of the teacher's training window profiled at refresh")
+    expectations_max_rows: int = Field(
+        1_000_000, ge=1, description="rows of D the GX expectations see: an evenly spaced sample of a larger day "
+        "(the shift, label checks and the contract checks of kdcore.data.validate see every row)")
     on_fail: Literal["hard_labels_only", "skip_students"] = "hard_labels_only"
     on_warn: Literal["proceed"] = "proceed"
 

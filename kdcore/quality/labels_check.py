@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
 from kdcore.data.spec import DatasetSpec, Task, TaskKind
+from kdcore.data.validate import duplicate_ids
 from kdcore.errors import DataError
 from kdcore.quality.shift import as_float64
 
@@ -129,13 +130,23 @@ def _ids(table: pa.Table, column: str, what: str) -> pa.Array:
     return table.column(column).combine_chunks()
 
 
-def _coverage(label_ids: pa.Array, example_ids: pa.Array, idx: pa.Array) -> Coverage:
+def _match(label_ids: pa.Array, example_ids: pa.Array) -> tuple[pa.Array | None, Coverage]:
+    """For each example, the row of its (first) label (None: row for row), and the coverage
+    counts.
+
+    Labels are written in the examples' row order, so the usual day matches row for row:
+    that case is one comparison, where the general join builds three hash tables over the
+    ids (about 3 GB at 10M rows, docs/performance.md "Memory")."""
     n_valid = len(label_ids) - label_ids.null_count
-    distinct = pc.count_distinct(label_ids, mode="only_valid").as_py()
+    if label_ids.null_count == 0 and len(label_ids) == len(example_ids) and label_ids.equals(example_ids):
+        return None, Coverage(n_examples=len(example_ids), n_label_rows=len(label_ids), missing=0,
+                             duplicate_ids=duplicate_ids(label_ids)[0], null_ids=0, extra=0)
+    idx = pc.index_in(example_ids, options=pc.SetLookupOptions(label_ids, skip_nulls=True))
     in_day = pc.is_in(label_ids, options=pc.SetLookupOptions(example_ids, skip_nulls=True))
     extra = n_valid - int(pc.sum(pc.fill_null(in_day, False)).as_py() or 0)
-    return Coverage(n_examples=len(example_ids), n_label_rows=len(label_ids), missing=idx.null_count,
-                    duplicate_ids=n_valid - distinct, null_ids=label_ids.null_count, extra=extra)
+    return idx, Coverage(n_examples=len(example_ids), n_label_rows=len(label_ids), missing=idx.null_count,
+                         duplicate_ids=duplicate_ids(label_ids.drop_null())[0], null_ids=label_ids.null_count,
+                         extra=extra)
 
 
 def _valid_range(task: Task) -> tuple[float | None, float | None]:
@@ -177,22 +188,32 @@ def decile_calibration(pred: np.ndarray, label: np.ndarray) -> list[DecileCalibr
     if n == 0:
         return []
     order = np.argsort(pred, kind="stable")
-    group = np.empty(n, dtype=np.int64)
-    group[order] = (np.arange(n) * N_DECILES) // n
+    group = np.empty(n, dtype=np.uint8)  # 1 byte a row: a 10M-row day's gate holds less
+    for a in range(0, n, 1 << 20):
+        group[order[a:a + (1 << 20)]] = (np.arange(a, min(a + (1 << 20), n)) * N_DECILES) // n
+    del order
     counts = np.bincount(group, minlength=N_DECILES)
-    sum_pred = np.bincount(group, weights=pred, minlength=N_DECILES)
-    sum_label = np.bincount(group, weights=label, minlength=N_DECILES)
+    # Summed in row order, one decile at a time (cumsum adds left to right, as bincount does).
+    sum_pred, sum_label = np.zeros(N_DECILES), np.zeros(N_DECILES)
+    for d in range(N_DECILES):
+        rows = group == d
+        if counts[d]:
+            sum_pred[d] = np.cumsum(pred[rows], dtype=np.float64)[-1]
+            sum_label[d] = np.cumsum(label[rows], dtype=np.float64)[-1]
     return [DecileCalibration(decile=d, mean_pred=float(sum_pred[d] / counts[d]),
                               label_rate=float(sum_label[d] / counts[d]), count=int(counts[d]))
             for d in range(N_DECILES) if counts[d]]
 
 
-def _paired(pred_all: np.ndarray, idx: pa.Array, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher prediction and hard label per example of D (first label row per id), keeping
-    examples where both are finite."""
-    matched = ~np.asarray(idx.is_null().to_numpy(zero_copy_only=False))
-    rows = pc.fill_null(idx, 0).to_numpy(zero_copy_only=False)
-    pred = np.where(matched, pred_all[rows] if pred_all.size else np.nan, np.nan)
+def _paired(pred_all: np.ndarray, idx: pa.Array | None, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher prediction and hard label per example of D (first label row per id; ``idx``
+    None: labels and examples match row for row), keeping examples where both are finite."""
+    if idx is None:
+        pred = pred_all
+    else:
+        matched = ~np.asarray(idx.is_null().to_numpy(zero_copy_only=False))
+        rows = pc.fill_null(idx, 0).to_numpy(zero_copy_only=False)
+        pred = np.where(matched, pred_all[rows] if pred_all.size else np.nan, np.nan)
     keep = np.isfinite(pred) & np.isfinite(label)
     return pred[keep], label[keep]
 
@@ -214,8 +235,7 @@ def check_labels(labels: pa.Table, examples: pa.Table, spec: DatasetSpec, stalen
         raise ValueError(f"staleness_days must be >= 0, got {staleness_days}")
     label_ids = _ids(labels, spec.example_id, "teacher labels")
     example_ids = _ids(examples, spec.example_id, "examples")
-    idx = pc.index_in(example_ids, options=pc.SetLookupOptions(label_ids, skip_nulls=True))
-    coverage = _coverage(label_ids, example_ids, idx)
+    idx, coverage = _match(label_ids, example_ids)
 
     validity: dict[str, TaskValidity] = {}
     calibration: dict[str, Calibration] = {}
