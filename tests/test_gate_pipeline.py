@@ -161,3 +161,17 @@ def test_broken_label_files_fail_the_gate_naming_check_and_count(synth_root, tmp
         assert f"{count} " in detail, detail
     assert check.split(":")[0] in out["summary"]
     assert out["data_docs"] and part.read_manifest(out["uri"]).file("data_docs/index.html")
+
+
+def test_gx_sees_at_most_expectations_max_rows_the_other_checks_every_row(synth_root, tmp_path):
+    cfg = _fresh(synth_root, tmp_path, "hard_labels_only")
+    cfg = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"expectations_max_rows": 1000})})
+    day = D0 + dt.timedelta(days=4)
+    steps.teacher_step(cfg, day)
+    out = run_gate(cfg, day, mat.materialize(cfg, day)["uri"])
+    gx = json.loads(part.read_blob(out["uri"], "data_docs/kd_validation_result.json"))
+    counts = {r["result"]["element_count"] for r in gx["results"] if "element_count" in r.get("result", {})}
+    assert counts == {1000}  # 3000 rows: every 3rd
+    shift = json.loads(part.read_blob(out["uri"], "shift.json"))
+    checks = json.loads(part.read_blob(out["uri"], "labels_check.json"))
+    assert shift["cur_rows"] == checks["coverage"]["n_examples"] == 3000

@@ -384,3 +384,38 @@ def test_gx_suite_passes_on_reference_and_fails_on_broken_day(tmp_path, ref_day,
     assert "expect_column_to_exist(timestamp)" in bad.failed_expectations
     assert "expect_column_values_to_not_be_null(example_id)" in bad.failed_expectations
     assert (tmp_path / "bad_docs" / "index.html").exists()
+
+
+# ------------------------------------------------------------------ a day too large to hold
+
+
+def test_compare_of_a_streamed_day_equals_compare_of_the_whole_table(profile):
+    day = make_day(5, shift=0.5)
+    whole = compare(profile, day, SPEC)
+    streamed = compare(profile, iter(day.to_batches(max_chunksize=3_000)), SPEC)
+    assert streamed.cur_rows == whole.cur_rows == day.num_rows
+    for name, f in whole.features.items():  # from the same counts: equal, not close
+        assert (streamed.features[name].psi, streamed.features[name].js) == (f.psi, f.js), name
+    for name, lab in whole.labels.items():  # a mean summed per batch: close
+        assert streamed.labels[name].cur_mean == pytest.approx(lab.cur_mean, rel=1e-12)
+    with pytest.raises(Exception, match="no rows"):
+        compare(profile, iter([]), SPEC)
+    with pytest.raises(Exception, match=r"lacks column\(s\) \['x0'\]"):
+        compare(profile, iter(day.drop_columns(["x0"]).to_batches(max_chunksize=3_000)), SPEC)
+
+
+@pytest.mark.parametrize("rows, max_rows, expected", [
+    (10, 10, list(range(10))),          # fits: the whole day
+    (10, 100, list(range(10))),
+    (10, 4, [0, 3, 6, 9]),              # every 3rd row, spread over the day
+    (10, 5, [0, 2, 4, 6, 8]),
+    (7, 1, [0]),
+])
+def test_gx_sample_is_evenly_spaced_bounded_and_independent_of_batches(rows, max_rows, expected):
+    from kdcore.quality.daily import sample_rows
+
+    table = pa.table({"i": pa.array(np.arange(rows))})
+    for chunk in (1, 3, rows):
+        got = sample_rows(iter(table.to_batches(max_chunksize=chunk)), rows, max_rows)
+        assert got.column("i").to_pylist() == expected, chunk
+        assert got.num_rows <= max_rows
