@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_ROOT ?= var/demo
 
-.PHONY: venv demo test lint ui bench clean browser celery-deps test-celery
+.PHONY: venv demo test lint ui bench bench-10m clean browser celery-deps test-celery
 
 venv: $(STAMP)
 
@@ -58,6 +58,17 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_labels.py --rows $(BENCH_ROWS)
 	$(BIN)/python bench/bench_training.py --rows $(BENCH_ROWS)
 	$(BIN)/python bench/bench_day.py --rows $(BENCH_ROWS)
+
+# 10M rows a day end to end (docs/performance.md, "10M rows a day"; about an hour on 2 cores):
+# `kd data synth` + a whole day through the CLI, stage by stage, then the same day through the
+# real kd_daily DAG (LocalExecutor, 4 label shards on 2 worker slots), checked byte for byte.
+BENCH_10M ?= var/bench-10m
+bench-10m: $(STAMP)
+	rm -rf $(BENCH_10M) && mkdir -p $(BENCH_10M)
+	$(BIN)/python bench/bench_day.py --rows 10000000 --shards 4 --keep-bootstrap $(BENCH_10M)/boot \
+	  --keep-result $(BENCH_10M)/cli --json $(BENCH_10M)/cli.json
+	$(BIN)/python bench/bench_dag_day.py --root $(BENCH_10M)/boot --shards 4 --workers 2 \
+	  --compare $(BENCH_10M)/cli/store --json $(BENCH_10M)/dag.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

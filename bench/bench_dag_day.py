@@ -138,7 +138,7 @@ def _summarize(tis: list[dict], run: dict, home: Path, workers: int) -> dict:
             "tasks": [{**r, "start": r["start"] - t0, "end": r["end"] - t0} for r in rows], "stages": stages}
 
 
-def _print(s: dict, shards: int) -> None:
+def _print(s: dict) -> None:
     print(f"bench_dag_day: run {s['run_id']} {s['state']} in {s['wall']:.0f} s wall, {s['workers']} worker slot(s)")
     for r in sorted(s["tasks"], key=lambda r: r["start"]):
         rss = f"{r['rss_mb']:6.0f} MB" if r["rss_mb"] else "     - "
@@ -146,13 +146,21 @@ def _print(s: dict, shards: int) -> None:
               f"  {r['state']}")
     print("  stage             wall      work (sum of tasks)  tasks  peak RSS")
     for name, st in s["stages"].items():
-        print(f"  {name:<16} {st['wall']:7.0f} s  {st['work']:8.0f} s  {st['tasks']:10d}  {st['peak_rss_mb']:6.0f} MB")
-    shard = [r for r in s["tasks"] if r["task"].startswith("materialize_labels")]
-    if shard:
-        per = sum(r["seconds"] for r in shard) / len(shard)
-        print(f"  label shards: {len(shard)} x {per:.0f} s mean; their wall {s['stages']['labels']['wall']:.0f} s on "
-              f"{s['workers']} worker(s); with W workers about ceil({shards}/W) x {per:.0f} s: "
-              + ", ".join(f"W={w}: {math.ceil(shards / w) * per:.0f} s" for w in (1, 2, 4, 8) if w <= shards))
+        wall = "      -  " if name == "bookkeeping" else f"{st['wall']:7.0f} s"
+        print(f"  {name:<16} {wall}  {st['work']:8.0f} s  {st['tasks']:10d}  {st['peak_rss_mb']:6.0f} MB")
+    on_path = sum(st["wall"] for name, st in s["stages"].items() if name != "bookkeeping")
+    print(f"  the stages' walls add up to {on_path:.0f} s of the run's {s['wall']:.0f} s; the rest "
+          f"({s['wall'] - on_path:.0f} s) is scheduling between tasks and the bookkeeping tasks "
+          "(resolve, sensor and validation, choose_teacher, commit)")
+    for what, prefix, stage in (("label shards", "materialize_labels", "labels"),
+                                ("students", "train_student", "students")):
+        mapped = [r for r in s["tasks"] if r["task"].startswith(prefix)]
+        if not mapped:
+            continue
+        k, per = len(mapped), sum(r["seconds"] for r in mapped) / len(mapped)
+        print(f"  {what}: {k} x {per:.0f} s mean, {s['stages'][stage]['wall']:.0f} s of wall on {s['workers']} "
+              f"worker slot(s); with W slots about ceil({k}/W) x {per:.0f} s: "
+              + ", ".join(f"W={w}: {math.ceil(k / w) * per:.0f} s" for w in (1, 2, 4, 8) if w <= k))
 
 
 def main() -> int:
@@ -176,7 +184,7 @@ def main() -> int:
             cfg = work / "pipeline.yaml"
             dag_out, cli_out = run_outputs(str(work / "store"), cfg, D1), run_outputs(args.compare, cfg, D1)
             summary["same_bytes_as_cli"] = {k: dag_out[k] == cli_out.get(k) for k in dag_out}
-    _print(summary, args.shards)
+    _print(summary)
     if "same_bytes_as_cli" in summary:
         same = summary["same_bytes_as_cli"]
         print(f"  same bytes as the CLI run ({args.compare}): " + ", ".join(f"{k} {'yes' if v else 'NO'}"
