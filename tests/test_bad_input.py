@@ -225,6 +225,6 @@ def test_bad_input_is_one_clear_line_exit_2_and_nothing_changed(case, kd: KD, tm
     (pa.array(["a", "b"]), (0, None)),
 ])
 def test_duplicate_ids_counts_repeats_and_names_one(values, expected):
-    from kdcore.data.validate import duplicate_ids
+    from kdcore.data.examples import duplicate_ids
 
     assert duplicate_ids(values) == expected

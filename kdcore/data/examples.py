@@ -63,9 +63,27 @@ def check_schema(schema: pa.Schema, spec: DatasetSpec, source: str) -> None:
 def _check_ids(ids: pa.Array, spec: DatasetSpec, source: str) -> None:
     if ids.null_count:
         raise DataError(f"{source}: column '{spec.example_id}' has {ids.null_count} null ids")
-    n_unique = pc.count_distinct(ids).as_py()
-    if n_unique != len(ids):
-        raise DataError(f"{source}: column '{spec.example_id}' has {len(ids) - n_unique} duplicate ids")
+    dupes, example = duplicate_ids(ids)
+    if dupes:
+        raise DataError(f"{source}: column '{spec.example_id}' has {dupes} duplicate ids (e.g. {example!r})")
+
+
+def duplicate_ids(ids: pa.Array) -> tuple[int, object]:
+    """(number of rows whose id repeats an earlier one, one such id) of a null-free array.
+
+    Integer ids are sorted as numpy (8 bytes a row twice over); arrow's hash-based
+    ``count_distinct`` peaked at 1.7 GB on a 10M-row day, more than all else a task holds
+    (docs/performance.md, "Memory"). Other types keep the hash count."""
+    if pa.types.is_integer(ids.type):
+        s = np.sort(ids.to_numpy())
+        repeat = s[1:] == s[:-1]
+        n = int(repeat.sum())
+        return n, (s[1:][repeat][0].item() if n else None)
+    n = len(ids) - pc.count_distinct(ids).as_py()
+    if not n:
+        return 0, None
+    counts = pc.value_counts(ids)
+    return n, counts.field("values").filter(pc.greater(counts.field("counts"), 1))[0].as_py()
 
 
 def publish_day(root: str, spec: DatasetSpec, day: str | dt.date,

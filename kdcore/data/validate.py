@@ -127,28 +127,10 @@ def validate_day(root: str, spec: DatasetSpec, day: dt.date, manifest: part.Mani
     del ids
     if all_ids.null_count:
         raise DataError(f"{uri}: column '{spec.example_id}' has {all_ids.null_count} null id(s)")
-    dupes, example = duplicate_ids(all_ids)
+    dupes, example = examples.duplicate_ids(all_ids)
     if dupes:
         raise DataError(f"{uri}: column '{spec.example_id}' has {dupes} duplicate id(s) (e.g. {example!r})")
     return {"uri": uri, "date": day.isoformat(), "rows": checked, "examples_sha256": part.manifest_digest(manifest)}
-
-
-def duplicate_ids(ids: pa.Array) -> tuple[int, object]:
-    """(number of rows whose id repeats an earlier one, one such id) of a null-free array.
-
-    Integer ids are sorted as numpy (8 bytes a row twice over); arrow's hash-based
-    ``count_distinct`` peaked at 1.7 GB on a 10M-row day, more than all else a task holds
-    (docs/performance.md, "Memory"). Other types keep the hash count."""
-    if pa.types.is_integer(ids.type):
-        s = np.sort(ids.to_numpy())
-        repeat = s[1:] == s[:-1]
-        n = int(repeat.sum())
-        return n, (s[1:][repeat][0].item() if n else None)
-    n = len(ids) - pc.count_distinct(ids).as_py()
-    if not n:
-        return 0, None
-    counts = pc.value_counts(ids)
-    return n, counts.field("values").filter(pc.greater(counts.field("counts"), 1))[0].as_py()
 
 
 def _example(batch: pa.RecordBatch, spec: DatasetSpec, mask: np.ndarray) -> str:

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
+from kdcore.data.examples import duplicate_ids
 from kdcore.data.spec import DatasetSpec, Task, TaskKind
-from kdcore.data.validate import duplicate_ids
 from kdcore.errors import DataError
 from kdcore.quality.shift import as_float64
 
