@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the config's torch_threads)")
     ap.add_argument("--students", type=int, default=3)
     ap.add_argument("--sizes", default="2048,4096,8192,16384,32768,65536", help="inference batch sizes to time")
+    ap.add_argument("--inference-rows", default=None,
+                    help="labels.inference_rows values to time end to end, comma-separated (default: the config's)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     day = dt.date(2026, 1, 2)
@@ -104,14 +106,17 @@ def main() -> None:
                                   teacher=teacher_cfg, students=[StudentConfig(name="student")],
                                   labels=LabelsConfig(**labels), torch_threads=args.threads)
 
-        cfg, old_shape = config(shards=1), config(shards=1, inference_rows=READ_ROWS)
+        infer = [int(v) for v in args.inference_rows.split(",")] if args.inference_rows else \
+            [LabelsConfig().inference_rows]
+        cfg, old_shape = config(shards=1, inference_rows=infer[0]), config(shards=1, inference_rows=READ_ROWS)
+        more = {f"labels 1 shard, inference_rows {v}": config(shards=1, inference_rows=v) for v in infer[1:]}
         ensure_valid(root, spec, day)  # the DAG's validate task; cached in this process
         print(f"{m.rows:,} rows, {len(m.files)} file(s), teacher {model.flops_per_example() / 1e3:.0f} kFLOP/row, "
               f"{args.threads} torch thread(s), medians of {args.repeats}")
 
         fwd: dict[int, list[float]] = {s: [] for s in sizes}
-        e2e: dict[str, list[float]] = {"labels 1 shard": [], "labels 4 shards": [],
-                                       "labels, forward batch 65536": []}
+        e2e: dict[str, list[float]] = {f"labels 1 shard, inference_rows {infer[0]}": [], "labels 4 shards": [],
+                                       "labels, forward batch 65536": [], **{k: [] for k in more}}
         hashing: dict[str, list[float]] = {"old": [], "cached": []}
         batches = list(part.iter_batches(uri, columns=spec.categorical, batch_size=READ_ROWS))
 
@@ -134,7 +139,9 @@ def main() -> None:
         for _ in range(args.repeats):
             for s in sizes:
                 fwd[s].append(timed(lambda s=s: predict(model, feats, s)))
-            e2e["labels 1 shard"].append(timed(lambda: labels(cfg, 1)))
+            e2e[f"labels 1 shard, inference_rows {infer[0]}"].append(timed(lambda: labels(cfg, 1)))
+            for k, c in more.items():
+                e2e[k].append(timed(lambda c=c: labels(c, 1)))
             e2e["labels 4 shards"].append(timed(lambda: labels(cfg, 4)))
             e2e["labels, forward batch 65536"].append(timed(lambda: labels(old_shape, 1)))
             hashing["old"].append(timed(lambda: hash_all(None)))
@@ -148,7 +155,7 @@ def main() -> None:
                   f"({rate[s] * model.flops_per_example() / 1e9:.1f} GFLOP/s)")
         for name, v in e2e.items():
             r = n / statistics.median(v)
-            print(f"{name:28s}: {r:9,.0f} rows/s  {r / rate[best]:5.0%} of the best forward ({best})")
+            print(f"{name:38s}: {r:9,.0f} rows/s  {r / rate[best]:5.0%} of the best forward ({best})")
         old, new = (statistics.median(hashing[k]) * 1e6 / n for k in ("old", "cached"))
         print(f"hashing per 1M rows ({len(spec.categorical)} columns, {READ_ROWS}-row batches): "
               f"before {old:.2f} s, cached {new:.2f} s, ratio {old / new:.1f}x")
@@ -162,7 +169,8 @@ def main() -> None:
             joins.append(timed(lambda: join_labels(ids, read_labels(labels_uri, spec)[0], spec, labels_uri)))
             infers.append(timed(lambda: predict(model, encode_features(table, spec, teacher_cfg.model.hash_buckets,
                                                                        cols, BucketCache()), best)))
-        label_s, join_s, infer_s = statistics.median(e2e["labels 1 shard"]), statistics.median(joins), \
+        label_s, join_s, infer_s = statistics.median(e2e[f"labels 1 shard, inference_rows {infer[0]}"]), \
+            statistics.median(joins), \
             statistics.median(infers)
         k = args.students
         print(f"{k} students: shared labels {label_s + k * join_s:.2f} s (label once {label_s:.2f} s + "
