@@ -379,3 +379,66 @@ def test_bool_and_int8_labels_are_accepted():
     labels, scores, probs, _ = _binary_data(4)
     assert auc(labels.astype(bool), scores) == auc(labels.astype(np.int8), scores) == auc(labels, scores)
     assert log_loss(labels.astype(bool), probs) == pytest.approx(log_loss(labels, probs), rel=1e-15)
+
+
+# ------------------------------------------------------------------ lean forms, same numbers
+
+
+def _day_like(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.2).astype(np.float32)
+    p = (np.round(rng.random(n) * 64) / 64).astype(np.float32)  # many ties
+    g = rng.integers(0, max(n // 20, 1), n)
+    return y, p, g
+
+
+@pytest.mark.parametrize("n", [1, 2, 57, 20_001])
+def test_auc_without_group_arrays_equals_the_grouped_form_bit_for_bit(n):
+    from kdcore.evaluation.metrics import _auc_core, _grouped_auc
+
+    y, p, _ = _day_like(n)
+    if 0 < y.sum() < n:
+        ref = float(_grouped_auc(y == 1, p, np.zeros(n, dtype=np.int64), 1)[0][0])
+        assert _auc_core(y, p) == ref
+    else:
+        assert np.isnan(_auc_core(y, p))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint32])
+def test_gauc_bucket_by_bucket_equals_the_whole_day_bit_for_bit(monkeypatch, dtype):
+    import kdcore.evaluation.metrics as m
+
+    y, p, g = _day_like(30_011, seed=3)
+    g = g.astype(dtype)
+    whole = m._gauc_core(y, p, g)
+    monkeypatch.setattr(m, "GAUC_BUCKET_ROWS", 1_000)  # 31 buckets
+    assert m._gauc_core(y, p, g) == whole
+
+
+def test_chunked_log_loss_rmse_mae_equal_the_one_expression_forms(monkeypatch):
+    import kdcore.evaluation.metrics as m
+
+    monkeypatch.setattr(m, "_CHUNK", 1_000)
+    y, p, _ = _day_like(10_007, seed=5)
+    p = np.clip(p, 0.0, 1.0)
+    y64, p64 = y.astype(np.float64), np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    assert m._log_loss_core(y, p, 1e-7) == float(-np.mean(y64 * np.log(p64) + (1.0 - y64) * np.log1p(-p64)))
+    a, b = y.astype(np.float64) * 5, p.astype(np.float64)
+    assert m._rmse_core(y * 5, p) == float(np.sqrt(np.mean((a - b) ** 2)))
+    assert m._mae_core(y * 5, p) == float(np.mean(np.abs(a - b)))
+
+
+def test_decile_calibration_with_byte_deciles_equals_the_bincount_form():
+    from kdcore.quality.labels_check import N_DECILES, decile_calibration
+
+    rng = np.random.default_rng(9)
+    pred, label = np.round(rng.random(50_003) * 100) / 100, (rng.random(50_003) < 0.3).astype(np.float64)
+    n = pred.size
+    order = np.argsort(pred, kind="stable")
+    group = np.empty(n, dtype=np.int64)
+    group[order] = (np.arange(n) * N_DECILES) // n
+    counts = np.bincount(group, minlength=N_DECILES)
+    sp, sl = (np.bincount(group, weights=w, minlength=N_DECILES) for w in (pred, label))
+    got = decile_calibration(pred, label)
+    assert [(d.mean_pred, d.label_rate, d.count) for d in got] == \
+        [(float(sp[d] / counts[d]), float(sl[d] / counts[d]), int(counts[d])) for d in range(N_DECILES)]
