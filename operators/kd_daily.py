@@ -164,12 +164,8 @@ def _no_retry(what: str) -> Iterator[None]:
     """Errors that a retry cannot change fail the task at once (AirflowFailException):
     kdcore's DataError, SpecError, LineageError, GateError and plain KDError (labels not
     materialized, unknown student, ...). StorageError (a partition read/write that may be
-    transient, ConflictError included) propagates and is retried with backoff.
-
-    A finished body logs the task process's peak RSS: what a worker slot must hold for this
-    task at this day size (bench/bench_dag_day.py collects it per task)."""
+    transient, ConflictError included) propagates and is retried with backoff."""
     from kdcore.errors import KDError, StorageError
-    from kdcore.sysinfo import peak_rss_mb
 
     try:
         yield
@@ -178,6 +174,17 @@ def _no_retry(what: str) -> Iterator[None]:
     except KDError as e:
         raise AirflowFailException(f"{what}: {type(e).__name__}: {e} (not retried: the inputs will not change)") \
             from None
+
+
+@contextlib.contextmanager
+def _task_body(what: str) -> Iterator[None]:
+    """A task's main work: errors as in ``_no_retry``; when it finishes, the task process's
+    peak RSS is logged, what a worker slot must hold for this task at this day size
+    (bench/bench_dag_day.py collects it per task)."""
+    from kdcore.sysinfo import peak_rss_mb
+
+    with _no_retry(what):
+        yield
     log.info("%s: done, peak RSS %.0f MB", what, peak_rss_mb())
 
 
@@ -318,7 +325,7 @@ def refresh_teacher(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
         raise AirflowSkipException(f"teacher pinned to {plan['teacher_version']}: no refresh")
     from kdcore import pipeline
 
-    with _no_retry(f"teacher refresh for {plan['date']}"):
+    with _task_body(f"teacher refresh for {plan['date']}"):
         out = pipeline.refresh_teacher(_cfg(plan), _day(plan), plan["force"])
     context["outlet_events"][TEACHER_ASSET].extra = {
         "date": plan["date"], "version": out["version"], "uri": out["uri"], "parent": out.get("parent")}
@@ -366,7 +373,7 @@ def materialize_shard(plan: dict[str, Any], teacher_version: str, shard: int) ->
     _label(f"shard {shard}/{plan['shards']}")
     from kdcore.labels import materialize as mat
 
-    with _no_retry(f"labels shard {shard} of {plan['date']}"):
+    with _task_body(f"labels shard {shard} of {plan['date']}"):
         return mat.materialize_shard(_cfg(plan), _day(plan), shard, plan["shards"], teacher_version)
 
 
@@ -379,7 +386,7 @@ def commit_labels(plan: dict[str, Any], shards: list[dict[str, Any]], **context:
     teacher_version = shards[0]["teacher_version"]
     from kdcore.labels import materialize as mat
 
-    with _no_retry(f"committing the labels of {plan['date']}"):
+    with _task_body(f"committing the labels of {plan['date']}"):
         out = mat.commit(_cfg(plan), _day(plan), teacher_version, plan["shards"])
     extra = labels_event_extra(plan["date"], out)
     context["outlet_events"][LABELS_ASSET].extra = extra
@@ -403,7 +410,7 @@ def quality_gate(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
         raise AirflowSkipException("stages 'gate' and 'students' not selected")
     from kdcore import pipeline
 
-    with _no_retry(f"quality gate for {plan['date']}"):
+    with _task_body(f"quality gate for {plan['date']}"):
         cfg, day = _cfg(plan), _day(plan)
         needs_labels = any(s.distill.uses_teacher for s in cfg.students)
         labels = pipeline.find_labels(cfg, day, plan["teacher_version"]) if needs_labels else None
@@ -450,7 +457,7 @@ def train_student(plan: dict[str, Any], name: str, **context: Any) -> dict[str, 
         raise AirflowSkipException(f"gate {decision['status']}: students do not train on {plan['date']}")
     from kdcore.training import steps
 
-    with _no_retry(f"student '{name}' on {plan['date']}"):
+    with _task_body(f"student '{name}' on {plan['date']}"):
         cfg = _cfg(plan)
         labels = decision.get("labels_uri") if cfg.student(name).distill.uses_teacher else None
         out = steps.student_step(cfg, name, _day(plan), labels, action, plan["force"])
@@ -468,7 +475,7 @@ def report(plan: dict[str, Any]) -> dict[str, Any]:
         raise AirflowSkipException("stage 'report' not selected")
     from kdcore.report.build import build_report
 
-    with _no_retry("report"):
+    with _task_body("report"):
         out = build_report(_cfg(plan))
     log.info("report for %s written to %s\n%s", plan["date"], out["uri"], out.get("markdown", ""))
     stale = out.get("stale_teacher_days") or []

@@ -136,6 +136,22 @@ def test_storage_errors_still_retry():
             raise StorageError("gs://bucket/x: 503")
 
 
+def test_a_task_body_logs_its_peak_rss_when_it_finishes_and_fails_like_no_retry(caplog):
+    from operators.kd_daily import _task_body
+
+    caplog.set_level("INFO", logger="operators.kd_daily")
+    with _task_body("teacher refresh for 2026-01-02"):
+        pass
+    done = [r.getMessage() for r in caplog.records if "peak RSS" in r.getMessage()]
+    assert len(done) == 1 and done[0].startswith("teacher refresh for 2026-01-02: done, peak RSS ")
+    assert float(done[0].split("peak RSS ")[1].removesuffix(" MB")) > 10  # a Python process holds more
+    caplog.clear()
+    with pytest.raises(AirflowFailException, match="not retried"):
+        with _task_body("step"):
+            raise DataError("bad input")
+    assert not [r for r in caplog.records if "peak RSS" in r.getMessage()]  # a failed body reports nothing
+
+
 def test_gate_without_labels_fails_without_retry(kd: KD):
     from operators import kd_daily as ops
 

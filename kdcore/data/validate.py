@@ -55,8 +55,10 @@ def ensure_valid(root: str, spec: DatasetSpec, day: dt.date, record: bool = Fals
     manifest = part.read_manifest(uri)  # a corrupt manifest is its own error
     digest = part.manifest_digest(manifest)
     key = (uri, digest)
+    if key in _VALID and (key in _RECORDED or not record):
+        return _VALID[key]
+    before = _previous_digest(root, spec, day)  # the schema check compares with the day before
     if key not in _VALID:
-        before = _previous_digest(root, spec, day)  # the schema check compares with the day before
         summary = _recorded(root, spec, day, digest, before)
         if summary is not None:
             _RECORDED.add(key)
@@ -64,7 +66,7 @@ def ensure_valid(root: str, spec: DatasetSpec, day: dt.date, record: bool = Fals
             summary = validate_day(root, spec, day, manifest)
         _VALID[key] = {**summary, "uri": uri}
     if record and key not in _RECORDED:
-        _record(root, spec, day, _VALID[key], _previous_digest(root, spec, day))
+        _record(root, spec, day, _VALID[key], before)
         _RECORDED.add(key)
     return _VALID[key]
 

@@ -189,8 +189,9 @@ def decile_calibration(pred: np.ndarray, label: np.ndarray) -> list[DecileCalibr
         return []
     order = np.argsort(pred, kind="stable")
     group = np.empty(n, dtype=np.uint8)  # 1 byte a row: a 10M-row day's gate holds less
-    for a in range(0, n, 1 << 20):
-        group[order[a:a + (1 << 20)]] = (np.arange(a, min(a + (1 << 20), n)) * N_DECILES) // n
+    chunk = 1 << 20
+    for a in range(0, n, chunk):
+        group[order[a:a + chunk]] = (np.arange(a, min(a + chunk, n)) * N_DECILES) // n
     del order
     counts = np.bincount(group, minlength=N_DECILES)
     # Summed in row order, one decile at a time (cumsum adds left to right, as bincount does).
