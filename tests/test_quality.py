@@ -412,13 +412,10 @@ def test_compare_of_a_streamed_day_equals_compare_of_the_whole_table(profile):
     (7, 1, [0]),
 ])
 def test_gx_sample_is_evenly_spaced_bounded_and_independent_of_batches(rows, max_rows, expected):
-    from kdcore.quality.daily import RowSample
+    from kdcore.quality.daily import sample_rows
 
     table = pa.table({"i": pa.array(np.arange(rows))})
     for chunk in (1, 3, rows):
-        sample = RowSample(rows, max_rows)
-        for batch in table.to_batches(max_chunksize=chunk):
-            sample.add(batch)
-        got = sample.table()
+        got = sample_rows(iter(table.to_batches(max_chunksize=chunk)), rows, max_rows)
         assert got.column("i").to_pylist() == expected, chunk
         assert got.num_rows <= max_rows

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,26 +61,23 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
     except StorageError:
         raise StorageError(f"{teacher.uri}: teacher checkpoint has no reference profile ({PROFILE}); "
                            f"refresh the teacher with this version of kdcore") from None
-    # The day is read once and never held whole (flat memory in its size): the shift counts
-    # it batch by batch, the label checks keep its ids and hard labels only, and GX gets an
-    # evenly spaced sample.
-    day_uri = examples.examples_uri(cfg.root, spec.name, day)
-    sample = RowSample(part.read_manifest(day_uri).rows or 0, cfg.gate.expectations_max_rows)
-    hard_columns = [spec.example_id, *(t.label_column for t in spec.tasks)]
-    hard_batches: list[pa.RecordBatch] = []
-    shift = compare(profile, _tee(examples.iter_day(cfg.root, spec, day), sample, hard_columns, hard_batches), spec)
+    # The day is never held whole (flat memory in its size): the shift streams it, the
+    # label checks read the ids and hard labels only, and GX sees an evenly spaced sample.
+    shift = compare(profile, examples.iter_day(cfg.root, spec, day, columns=_shift_columns(profile, spec)), spec)
     # Decoded from the declared encoding; a column not stored as declared stays raw, so its
     # dtype error is a check, not a crash.
     labels = decode_labels(part.read_table(labels_uri, manifest=labels_manifest), meta, spec, strict=False)
     staleness = int(meta["staleness_days"])
     lineage = teacher_lineage(meta, teacher, cfg.policies.label_lag_days)
-    checks = check_labels(labels, pa.Table.from_batches(hard_batches), spec, staleness, lineage)
-    del labels, hard_batches
+    hard = examples.read_day(cfg.root, spec, day, columns=[spec.example_id, *(t.label_column for t in spec.tasks)])
+    checks = check_labels(labels, hard, spec, staleness, lineage)
+    del labels, hard
     decision = evaluate_gate(shift, checks, cfg.gate)
     with tempfile.TemporaryDirectory(prefix="kd-gx-") as tmp:
         from kdcore.quality.expectations import validate_day
 
-        gx = validate_day(sample.table(), profile, spec, shift, tmp, run_name=f"{spec.name}-{day.isoformat()}")
+        sample = sample_rows(examples.iter_day(cfg.root, spec, day), shift.cur_rows, cfg.gate.expectations_max_rows)
+        gx = validate_day(sample, profile, spec, shift, tmp, run_name=f"{spec.name}-{day.isoformat()}")
         del sample
         docs = {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
     # Expectations inform (warn) but do not by themselves stop distillation.
@@ -122,38 +119,26 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
             "checks": {c.name: {"value": c.value, "status": c.status} for c in checks_all}}
 
 
-def _tee(batches: Iterable[pa.RecordBatch], sample: RowSample, columns: list[str],
-         kept: list[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """The day's batches passed on (to ``compare``), feeding ``sample`` and keeping
-    ``columns`` of each on the way: one read of the day serves all three. A column the day
-    lacks is left out here and named by the check that needs it."""
-    for batch in batches:
-        sample.add(batch)
-        kept.append(batch.select([c for c in columns if c in batch.schema.names]))
-        yield batch
+def _shift_columns(profile: Profile, spec: DatasetSpec) -> list[str]:
+    """What ``compare`` reads: the profiled features and the label columns, in schema order."""
+    wanted = {*profile.numeric, *profile.categorical, *(t.label_column for t in spec.tasks)}
+    return [c for c in spec.required_columns if c in wanted]
 
 
-class RowSample:
+def sample_rows(batches: Iterable[pa.RecordBatch], rows: int, max_rows: int) -> pa.Table:
     """Every k-th row of a day of ``rows`` rows (k = ceil(rows / max_rows)), starting at the
-    first, taken from its batches as they stream by: the whole day when it fits, else at
-    most ``max_rows`` rows spread over all of it (every hour and every file represented),
-    the same rows on every run whatever the batch sizes."""
-
-    def __init__(self, rows: int, max_rows: int) -> None:
-        self.step = max(1, -(-rows // max_rows))
-        self.seen = 0
-        self.taken: list[pa.RecordBatch] = []
-
-    def add(self, batch: pa.RecordBatch) -> None:
-        first = (-self.seen) % self.step  # the first row of this batch whose day index is a multiple of step
-        if self.step == 1:
-            self.taken.append(batch)
+    first: the whole day when it fits, else at most ``max_rows`` rows spread over all of it
+    (so every hour and every file is represented), the same rows on every run."""
+    step = max(1, -(-rows // max_rows))
+    taken, seen = [], 0
+    for batch in batches:
+        first = (-seen) % step  # the first row of this batch whose day index is a multiple of step
+        if step == 1:
+            taken.append(batch)
         elif first < batch.num_rows:
-            self.taken.append(batch.take(pa.array(np.arange(first, batch.num_rows, self.step))))
-        self.seen += batch.num_rows
-
-    def table(self) -> pa.Table:
-        return pa.Table.from_batches(self.taken)
+            taken.append(batch.take(pa.array(np.arange(first, batch.num_rows, step))))
+        seen += batch.num_rows
+    return pa.Table.from_batches(taken)
 
 
 def check_table(checks: list[CheckResult], detail_chars: int = 90) -> str:
