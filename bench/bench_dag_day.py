@@ -38,7 +38,16 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_day import D1, day_config  # noqa: E402
 
 from scripts.airflow_env import airflow_env  # noqa: E402
-from tests.airflow_helpers import DAG_ID, POOL, Api, Component, airflow, free_port, run_outputs, wait_until  # noqa: E402
+from tests.airflow_helpers import (  # noqa: E402
+    DAG_ID,
+    Api,
+    Component,
+    free_port,
+    init_airflow,
+    run_outputs,
+    running,
+    wait_until,
+)
 
 STAGE_OF = {"refresh_teacher": "teacher refresh", "materialize_labels": "labels", "commit_labels": "labels",
             "quality_gate": "gate", "train_student": "students", "report": "report"}
@@ -50,7 +59,7 @@ def _ts(value: str | None) -> float | None:
 
 
 def _peak_rss(home: Path, run_id: str, ti: dict) -> float | None:
-    """The ``peak RSS`` a kd task logs when its body finishes (operators/kd_daily._no_retry)."""
+    """The ``peak RSS`` a kd task logs when its body finishes (operators/kd_daily._task_body)."""
     folder = home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / f"task_id={ti['task_id']}"
     if ti["map_index"] >= 0:
         folder = folder / f"map_index={ti['map_index']}"
@@ -62,18 +71,16 @@ def _run_day(work: Path, shards: int, workers: int, timeout: float) -> tuple[lis
     store = work / "store"
     cfg = day_config(work, shards)
     home = work / "airflow"
-    home.mkdir()
     port = free_port()
     env = airflow_env(home, store, cfg, api_port=port, parallelism=workers, sensor_timeout_seconds=120)
-    airflow(["db", "migrate"], env, timeout=600)
-    airflow(["pools", "set", POOL, str(workers), "KD training (teacher + students)"], env)
+    init_airflow(env, pool_slots=workers)
     logs = home / "component-logs"
     logs.mkdir()
     parts = [Component(name, args, env, logs) for name, args in (
         ("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(port)]),
         ("scheduler", ["scheduler"]), ("dag-processor", ["dag-processor"]))]
     api = Api(port, home)
-    try:
+    with running(parts):
         wait_until("API server health", api.healthy, 300, components=parts)
         api.login()
         wait_until("kd_daily to be parsed", lambda: api("GET", f"/dags/{DAG_ID}"), 300, components=parts)
@@ -106,13 +113,6 @@ def _run_day(work: Path, shards: int, workers: int, timeout: float) -> tuple[lis
         final = wait_until("the run", done, timeout, interval=5, components=parts, progress=progress,
                            ceiling=6 * 3600)
         return tis(), final, home
-    except BaseException:
-        for c in parts:
-            print(f"--- {c.name} ---\n{c.tail()}", file=sys.stderr)
-        raise
-    finally:
-        for c in parts:
-            c.stop()
 
 
 def _summarize(tis: list[dict], run: dict, home: Path, workers: int) -> dict:
@@ -147,7 +147,8 @@ def _print(s: dict) -> None:
     print("  stage             wall      work (sum of tasks)  tasks  peak RSS")
     for name, st in s["stages"].items():
         wall = "      -  " if name == "bookkeeping" else f"{st['wall']:7.0f} s"
-        print(f"  {name:<16} {wall}  {st['work']:8.0f} s  {st['tasks']:10d}  {st['peak_rss_mb']:6.0f} MB")
+        rss = f"{st['peak_rss_mb']:6.0f} MB" if st["peak_rss_mb"] else "     - "
+        print(f"  {name:<16} {wall}  {st['work']:8.0f} s  {st['tasks']:10d}  {rss}")
     on_path = sum(st["wall"] for name, st in s["stages"].items() if name != "bookkeeping")
     print(f"  the stages' walls add up to {on_path:.0f} s of the run's {s['wall']:.0f} s; the rest "
           f"({s['wall'] - on_path:.0f} s) is scheduling between tasks and the bookkeeping tasks "

@@ -12,6 +12,7 @@ kd_daily for each date in order (conf {"date": DATE}) and prints one JSON line p
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -23,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +125,11 @@ def airflow(args: list[str], env: Mapping[str, str], timeout: float = 300, check
     return proc
 
 
-def init_airflow(env: Mapping[str, str]) -> None:
+def init_airflow(env: Mapping[str, str], pool_slots: int = 2) -> None:
     """Migrate the metadata DB (writes airflow.cfg with shared secrets) and create the pool."""
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     airflow(["db", "migrate"], env)
-    airflow(["pools", "set", POOL, "2", "KD training (teacher + students)"], env)
+    airflow(["pools", "set", POOL, str(pool_slots), "KD training (teacher + students)"], env)
 
 
 def create_backfill(env: Mapping[str, str], first: dt.date, last: dt.date, attempts: int = 10) -> str:
@@ -189,6 +190,22 @@ class Component:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+
+@contextlib.contextmanager
+def running(comps: list[Component]) -> Iterator[dict[str, int | None]]:
+    """Airflow components for the length of a block (``comps`` may still grow inside it): on
+    any failure each one's log tail is printed, since the reason is usually there, and all are
+    stopped whatever happens; the yielded dict then holds their exit codes."""
+    codes: dict[str, int | None] = {}
+    try:
+        yield codes
+    except BaseException:
+        for c in comps:
+            print(f"===== {c.name} log (tail) =====\n{c.tail()}")
+        raise
+    finally:
+        codes.update({c.name: c.stop() for c in comps})
 
 
 def http(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 10) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import time
 
 import pytest
@@ -27,6 +26,7 @@ from tests.airflow_helpers import (
     init_airflow,
     mtimes,
     prepare_store,
+    running,
     sha_tree,
     wait_until,
 )
@@ -58,7 +58,7 @@ def _done(run: dict) -> bool:
     return run["state"] in ("success", "failed")
 
 
-def test_backfill_and_adhoc_run(tmp_path):
+def test_backfill_and_adhoc_run(tmp_path, monkeypatch):
     store, home = tmp_path / "store", tmp_path / "airflow"
     days = prepare_store(store)
     dates = days[BOOTSTRAP_DAYS:BOOTSTRAP_DAYS + N_DATES]
@@ -72,7 +72,7 @@ def test_backfill_and_adhoc_run(tmp_path):
              Component("dag-processor", ["dag-processor"], env, logdir)]
     api = Api(port, home)
     t0 = time.monotonic()
-    try:
+    with running(comps) as codes:
         wait_until("API server health", api.healthy, 120, components=comps)
         api.login()
         wait_until("kd_daily parsed", lambda: api("GET", f"/dags/{DAG_ID}"), 90, components=comps)
@@ -93,7 +93,7 @@ def test_backfill_and_adhoc_run(tmp_path):
         for a, b in zip(runs, runs[1:]):  # one at a time: D starts after D-1 ended
             assert b["start_date"] >= a["end_date"]
 
-        os.environ["KD_STORAGE_ROOT"] = str(store)
+        monkeypatch.setenv("KD_STORAGE_ROOT", str(store))
         from kdcore.config import load_pipeline
         from kdcore.models import registry
 
@@ -148,11 +148,4 @@ def test_backfill_and_adhoc_run(tmp_path):
         assert changed <= {"student_aux"}, f"files changed under {models_root}: {changed}"
         assert sha_tree(store / "labels") == labels_before
         print(f"integration: {time.monotonic() - t0:.0f} s with components up")
-    except BaseException:
-        for c in comps:
-            print(f"===== {c.name} log (tail) =====\n{c.tail()}")
-        raise
-    finally:
-        codes = {c.name: c.stop() for c in comps}
-        os.environ.pop("KD_STORAGE_ROOT", None)
     assert all(not c.alive() for c in comps), codes

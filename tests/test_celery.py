@@ -45,6 +45,7 @@ from tests.airflow_helpers import (
     init_airflow,
     prepare_store,
     run_outputs,
+    running,
     wait_until,
 )
 from tests.faultproxy import stop_process
@@ -187,7 +188,8 @@ def test_kd_daily_on_celery_two_workers_gcs(tmp_path: Path, gcs_emulator: str) -
                                  stdout=ref_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     comps: list[Component] = []
     try:
-        with postgres_server() as db, redis_server(tmp_path) as broker:
+        # the components stop first (running's exit), then Redis and PostgreSQL
+        with postgres_server() as db, redis_server(tmp_path) as broker, running(comps) as codes:
             port = free_port()
             env = celery_env(tmp_path / "airflow", root, TINY, sql_alchemy_conn=db, broker_url=broker,
                              api_port=port, KD_SENSOR_TIMEOUT_SECONDS="1")
@@ -223,13 +225,8 @@ def test_kd_daily_on_celery_two_workers_gcs(tmp_path: Path, gcs_emulator: str) -
             for task in ("materialize_labels", "train_student"):
                 hosts = {t["hostname"] for t in tis if t["task_id"] == task}
                 assert hosts == set(WORKERS), f"{task} ran on {hosts}, expected both workers {WORKERS}"
-    except BaseException:
-        for c in comps:
-            print(f"===== {c.name} log (tail) =====\n{c.tail()}")
-        raise
-    finally:
-        codes = {c.name: c.stop() for c in comps}
         assert all(not c.alive() for c in comps), codes
+    finally:
         try:
             reference.wait(timeout=600)
         finally:

@@ -24,7 +24,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.airflow_helpers import REPO, Api, Component, airflow_env, free_port, init_airflow, wait_until
+from tests.airflow_helpers import (
+    REPO,
+    Api,
+    Component,
+    airflow_env,
+    free_port,
+    init_airflow,
+    running,
+    wait_until,
+)
 from tests.test_teacher_search import _tiny_search, ml_examples  # noqa: F401  (fixture)
 
 DAG_ID = "kd_teacher_search"
@@ -247,7 +256,7 @@ def test_hitl_approval_under_a_real_scheduler(ml_examples, tmp_path):  # noqa: F
     conf = {"config": search.name, "budget_seconds": 300, "validation_days": 4, "run_id": "hitl",
             "promote_config": pipe.name}
     timings = {}
-    try:
+    with running(comps) as codes:
         wait_until("API server health", api.healthy, 120, components=comps)
         api.login()
         wait_until(f"{DAG_ID} parsed", lambda: api("GET", f"/dags/{DAG_ID}"), 90, components=comps)
@@ -296,10 +305,4 @@ def test_hitl_approval_under_a_real_scheduler(ml_examples, tmp_path):  # noqa: F
         assert pipe.read_text() == promoted
         timings["total"] = time.monotonic() - t0
         print(f"hitl integration timings (s): { {k: round(v) for k, v in timings.items()} }")
-    except BaseException:
-        for c in comps:
-            print(f"===== {c.name} log (tail) =====\n{c.tail()}")
-        raise
-    finally:
-        codes = {c.name: c.stop() for c in comps}
     assert all(not c.alive() for c in comps), codes

@@ -33,6 +33,7 @@ from tests.airflow_helpers import (
     airflow_env,
     free_port,
     init_airflow,
+    running,
     wait_until,
 )
 from tests.pipeline_fixtures import BOOTSTRAP_DAYS, copy_root, kd_base  # noqa: F401
@@ -111,7 +112,7 @@ def kd_ui_server(kd_base, tmp_path_factory) -> Server:  # noqa: F811
     comps = [Component("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(port)], env, logdir),
              Component("dag-processor", ["dag-processor"], env, logdir)]
     api = Api(port, home)
-    try:
+    with running(comps):
         wait_until("API server health", lambda: _health(api), 120, components=comps)
         api.login()
         wait_until("kd_daily parsed", lambda: api("GET", f"/dags/{DAG_ID}"), 90, components=comps)
@@ -122,13 +123,6 @@ def kd_ui_server(kd_base, tmp_path_factory) -> Server:  # noqa: F811
         _SERVER.append(Server(api=api, home=home, store=store, days=days, run_id=run["dag_run_id"], report=report,
                               comps=comps))
         yield _SERVER[0]
-    except BaseException:
-        for c in comps:
-            print(f"===== {c.name} log (tail) =====\n{c.tail()}")
-        raise
-    finally:
-        for c in comps:
-            c.stop()
 
 
 def _endpoints(s: Server) -> list[str]:
