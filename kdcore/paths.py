@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 from kdcore.errors import KDError, SpecError
 from kdcore.storage import fs as sfs
@@ -71,23 +71,24 @@ def confine_path(path: str | os.PathLike[str], allowed_dir: str | os.PathLike[st
     return Path(real)
 
 
-def _gs_segments_ok(uri: str) -> bool:
-    segments = uri[len("gs://"):].split("/")
-    return all(unquote(s) not in (".", "..") and "\\" not in s for s in segments) and segments[0] != ""
+def _gs_segments_ok(path: str) -> bool:
+    """Stricter than the parser (which refuses literal ``.``/``..`` and empty buckets): no
+    percent-encoded dot segments and no backslashes either, which some tools decode."""
+    return all(unquote(s) not in (".", "..") and "\\" not in s for s in path.split("/"))
 
 
 def _canonical(uri: str, what: str, value: object) -> str:
     """``gs://b/p`` (``.``/``..`` segments refused) or ``file://<realpath>``."""
     try:
-        norm = sfs.normalize(uri)
+        scheme, path = sfs.parse(uri)
     except KDError as e:
         raise SpecError(f"{what}: {value!r}: {e}") from None
-    if norm.startswith("gs://"):
-        if not _gs_segments_ok(norm):
+    if scheme == "gs":
+        if not _gs_segments_ok(path):
             raise SpecError(f"{what}: {value!r}: '.' and '..' segments (and empty buckets) are not "
                             "allowed in gs:// URIs")
-        return norm
-    return "file://" + _realpath(urlparse(norm).path, what, value)
+        return "gs://" + path
+    return sfs.file_uri(_realpath(path, what, value))
 
 
 def confine_uri(uri: str, allowed_roots: Iterable[str], what: str) -> str:

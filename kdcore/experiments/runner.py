@@ -53,6 +53,7 @@ from kdcore.labels import materialize as mat
 from kdcore.labels.join import load_joined
 from kdcore.labels.store import labels_uri
 from kdcore.models import registry
+from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 from kdcore.training import steps
 from kdcore.training.data import load_days
@@ -452,9 +453,9 @@ def run_shared_labels(st: Settings, ds: Dataset, base: Path, timings: Timings, t
         cfg = make_cfg(st, ds, str(root), main, 0, students=[name], tuned=chosen(tuning))
         src = registry.latest_before(str(r0), ds.name, name, ds.eval[0])
         assert src is not None
-        dst = Path(_local(registry.checkpoint_uri(cfg.root, ds.name, name, src)))
+        dst = Path(sfs.local_path(registry.checkpoint_uri(cfg.root, ds.name, name, src)))
         if not dst.exists():
-            shutil.copytree(_local(registry.checkpoint_uri(str(r0), ds.name, name, src)), dst)
+            shutil.copytree(sfs.local_path(registry.checkpoint_uri(str(r0), ds.name, name, src)), dst)
         same, inf = 0, []
         for day in ds.eval:
             uri = ensure_labels(cfg, day, timings)
@@ -473,10 +474,6 @@ def run_shared_labels(st: Settings, ds: Dataset, base: Path, timings: Timings, t
     per = out["independent_inference_seconds"] / n if out["independent_inference_seconds"] is not None else None
     out["saved_seconds"] = per * (n - 1) if per is not None else None
     return out
-
-
-def _local(uri: str) -> str:
-    return uri.removeprefix("file://")
 
 
 def _sum(xs: list[float | None]) -> float | None:

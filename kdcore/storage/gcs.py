@@ -25,7 +25,12 @@ def _client(endpoint: str | None):
 
 
 def _blob(uri: str):
-    bucket, _, name = uri[len("gs://"):].partition("/")
+    from kdcore.storage.fs import parse  # fs imports this module
+
+    scheme, path = parse(uri)
+    bucket, _, name = path.partition("/")
+    if scheme != "gs":
+        raise StorageError(f"{uri}: not a gs:// URI")
     if not bucket or not name:
         raise StorageError(f"{uri}: a gs:// object URI needs a bucket and an object name")
     return _client(os.environ.get("STORAGE_EMULATOR_HOST")).bucket(bucket).blob(name)
