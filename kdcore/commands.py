@@ -86,6 +86,16 @@ def _day(value: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _duration(value: str) -> float:
+    """A positive finite duration (argparse names --older-than and exits 2 otherwise)."""
+    from kdcore.storage.partition import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _print(obj) -> None:
     print(json.dumps(obj, indent=1, sort_keys=True, default=str))
 
@@ -277,8 +287,9 @@ def experiments_cmd(args: argparse.Namespace) -> int:
 @command("vacuum", help="delete what no manifest lists: superseded files, files of killed writers, "
          "temp files, dead local spools")
 @arg("--root", required=True, help="storage root URI (or any folder under it)")
-@arg("--older-than", type=float, default=3600.0,
-     help="only files older than this many seconds (default 3600: writers still uploading keep theirs)")
+@arg("--older-than", type=_duration, default=3600.0,
+     help="only files older than this: seconds, or 90s, 30m, 2h, 7d (default 3600: writers still uploading "
+     "keep theirs)")
 @arg("--dry-run", action="store_true", help="list what would go, delete nothing")
 def vacuum_cmd(args: argparse.Namespace) -> int:
     from kdcore.storage.partition import vacuum

@@ -143,6 +143,9 @@ def test_vacuum_reaches_every_orphan_and_nothing_else(storage_root, tmp_path, mo
     # superseded shard file, a killed write's temp file, a killed first publish, a stranger
     publish_table(shard, _table(11))
     write_object(shard, f".tmp-999999-abc-{m.files[0].path}", b"half")
+    # a killed first publish of a day, beside a published day of the same dataset (issue 19:
+    # without a published sibling a key=value folder is not kd's and stays)
+    publish_table(sfs.join(storage_root, "examples/ds/date=2024-01-08"), _table(3))
     write_object(storage_root, "examples/ds/date=2024-01-09/part-00000-0123456789abcdef.parquet", b"x")
     write_object(storage_root, "search/run1/result.json", b"{}")
     dead_spool = tmp_path / "kd-publish-999999-xyz"

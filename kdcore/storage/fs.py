@@ -11,39 +11,156 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import shutil
+import stat
+import unicodedata
 from collections.abc import Callable
 from datetime import timedelta
 from functools import lru_cache
 from typing import BinaryIO
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import pyarrow.fs as pafs
 
 from kdcore.errors import ConflictError, StorageError
 from kdcore.storage import gcs
 
+# --- storage URIs ------------------------------------------------------------------------
+#
+# The one parser of storage URIs: everything that reads a scheme, a bucket or a local path
+# out of a URI (and everything that turns a canonical URI back into a local path) goes
+# through ``parse``, so a character means the same thing everywhere.
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# RFC 3986 pchar minus pct-encoded, plus "/": what a canonical file:// URI keeps literal.
+# Everything else (space, '#', '?', '%', '[', ']', non-ASCII, ...) is percent-encoded, so
+# ordinary paths give the same URI string as before and unusual ones survive a round trip.
+_PATH_SAFE = "/=:@!$&'()*+,;~"  # quote() keeps ASCII letters, digits and '-._' anyway
+# Characters GCS tools read as wildcards, fragments or queries (gsutil, gcloud storage, the
+# console, signed URLs): an object name holding them is one nobody can address reliably.
+_GS_MISREAD = {"#": "a fragment", "?": "a wildcard or query", "[": "a wildcard", "]": "a wildcard",
+               "*": "a wildcard"}
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]*[a-z0-9]$")
+_IPV4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+GCS_MAX_OBJECT_NAME = 1024  # bytes of UTF-8
+
+
+def parse(uri: str) -> tuple[str, str]:
+    """``("file", absolute local path)`` or ``("gs", "bucket/object/prefix")`` for a storage
+    URI (no trailing slash); StorageError naming the URI otherwise.
+
+    - A plain path (no ``scheme://``) is taken literally: ``#``, ``?``, ``%``, spaces and
+      unicode are path characters; ``~`` and relative paths are expanded.
+    - ``file://`` follows RFC 8089: the path is percent-decoded (so ``Path.as_uri()``
+      works); a literal ``#`` or ``?`` is refused, since in a URI they start a fragment or
+      query and taking them as path characters would silently mean another folder than
+      a URI-aware reader sees. Only an empty or ``localhost`` authority is local.
+    - ``gs://``: the object name is literal (GCS names are not percent-encoded), and what
+      an object name cannot hold or GCS tools misread is refused (see ``_parse_gs``).
+    """
+    uri = str(uri)
+    if "\x00" in uri:
+        raise StorageError(f"storage URI {uri!r} has a NUL character")
+    if uri.startswith("gs://"):
+        return "gs", _parse_gs(uri)
+    if uri.startswith("file://"):
+        return "file", _parse_file(uri)
+    if _SCHEME.match(uri):
+        raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or gs://")
+    return "file", _absolute(os.path.expanduser(uri))
+
+
+def _absolute(path: str) -> str:
+    path = os.path.abspath(path)
+    return path if path == "/" else path.rstrip("/")
+
+
+def _parse_file(uri: str) -> str:
+    rest = uri[len("file://"):]
+    for ch, code in (("#", "%23"), ("?", "%3F")):
+        if ch in rest:
+            raise StorageError(f"storage URI {uri!r} has a literal '{ch}', which a file:// URI reads as the "
+                               f"start of a {'fragment' if ch == '#' else 'query'}: percent-encode it ({code}) "
+                               f"or pass a plain path")
+    authority, slash, path = rest.partition("/")
+    if authority.lower() not in ("", "localhost"):
+        raise StorageError(f"storage URI {uri!r} names host '{authority}': only local files can be read "
+                           f"(file:///path or file://localhost/path)")
+    path = unquote(slash + path, errors="surrogateescape")  # any bytes a local file name can hold
+    if "\x00" in path:
+        raise StorageError(f"storage URI {uri!r} has a NUL character (%00)")
+    return _absolute(path or "/")
+
+
+def _parse_gs(uri: str) -> str:
+    bucket, _, name = uri[len("gs://"):].rstrip("/").partition("/")
+    _check_bucket(uri, bucket)
+    for ch in name:
+        if unicodedata.category(ch) == "Cc":
+            raise StorageError(f"storage URI {uri!r} has control character {ch!r} (U+{ord(ch):04X}), "
+                               f"which a GCS object name cannot hold")
+        if ch in _GS_MISREAD:
+            raise StorageError(f"storage URI {uri!r} has '{ch}', which GCS tools read as {_GS_MISREAD[ch]} "
+                               f"in an object name; use a prefix without it")
+    for seg in name.split("/") if name else ():
+        if seg in (".", ".."):
+            raise StorageError(f"storage URI {uri!r} has a '{seg}' segment")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > GCS_MAX_OBJECT_NAME:
+        raise StorageError(f"storage URI {uri!r}: the object name is {size} bytes; GCS allows at most "
+                           f"{GCS_MAX_OBJECT_NAME}")
+    return f"{bucket}/{name}" if name else bucket
+
+
+def _check_bucket(uri: str, bucket: str) -> None:
+    """GCS bucket naming rules (cloud.google.com/storage/docs/buckets#naming)."""
+    parts = bucket.split(".")
+    why = None
+    if not bucket:
+        why = "it is empty"
+    elif len(bucket) < 3 or len(bucket) > (222 if "." in bucket else 63) or any(len(p) > 63 for p in parts):
+        why = "it must be 3-63 characters long, or up to 222 with dots and at most 63 between them"
+    elif not _BUCKET.match(bucket) or not all(parts):
+        why = "use a-z, 0-9, '-', '_' and '.', starting and ending with a letter or digit"
+    elif _IPV4.match(bucket):
+        why = "it must not look like an IP address"
+    elif bucket.startswith("goog") or "google" in bucket or "g00gle" in bucket:
+        why = "it must not start with 'goog' or contain 'google'"
+    if why:
+        raise StorageError(f"storage URI {uri!r}: {bucket!r} is not a valid GCS bucket name ({why})")
+
+
+def file_uri(path: str) -> str:
+    """The canonical ``file://`` URI of an absolute local path: only what RFC 3986 does
+    not allow in a path segment is percent-encoded."""
+    return "file://" + quote(path, safe=_PATH_SAFE, errors="surrogateescape")
+
 
 def normalize(uri: str) -> str:
-    """Canonical form: ``gs://b/p`` or ``file:///abs/path`` (no trailing slash)."""
-    uri = str(uri)
-    if uri.startswith("gs://"):
-        if ".." in uri[len("gs://"):].split("/"):
-            raise StorageError(f"storage URI '{uri}' has a '..' segment")
-        return uri.rstrip("/")
-    if uri.startswith("file://"):
-        path = urlparse(uri).path
-    elif "://" in uri:
-        raise StorageError(f"unsupported storage URI '{uri}': use a local path, file:// or gs://")
-    else:
-        path = uri
-    return "file://" + os.path.abspath(os.path.expanduser(path)).rstrip("/")
+    """Canonical form: ``gs://b/p`` or ``file:///abs/path`` (no trailing slash; see
+    ``parse`` for what each form accepts, ``file_uri`` for the encoding)."""
+    scheme, path = parse(uri)
+    return "gs://" + path if scheme == "gs" else file_uri(path)
+
+
+def local_path(uri: str) -> str:
+    """The local path a (local) storage URI or plain path names: the one way back from a
+    canonical ``file://`` URI to a path. StorageError for a gs:// URI."""
+    scheme, path = parse(uri)
+    if scheme != "file":
+        raise StorageError(f"{uri}: not a local path")
+    return path
 
 
 def join(uri: str, *parts: str) -> str:
+    """``uri`` with ``parts`` appended as path segments. In a ``file://`` URI the parts are
+    percent-encoded like ``file_uri`` does (a part is a literal name, never URI syntax)."""
+    encode = uri.startswith("file://")
     out = uri.rstrip("/")
     for p in parts:
-        out += "/" + str(p).strip("/")
+        p = str(p).strip("/")
+        out += "/" + (quote(p, safe=_PATH_SAFE, errors="surrogateescape") if encode else p)
     return out
 
 
@@ -60,10 +177,10 @@ def _gcs(endpoint: str | None) -> pafs.FileSystem:
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Filesystem and path for a URI. ``STORAGE_EMULATOR_HOST`` (the variable the
     google-cloud-storage client honours) points gs:// at an emulator in tests."""
-    uri = normalize(uri)
-    if uri.startswith("gs://"):
-        return _gcs(os.environ.get("STORAGE_EMULATOR_HOST")), uri[len("gs://"):]
-    return pafs.LocalFileSystem(), urlparse(uri).path
+    scheme, path = parse(uri)
+    if scheme == "gs":
+        return _gcs(os.environ.get("STORAGE_EMULATOR_HOST")), path
+    return pafs.LocalFileSystem(), path
 
 
 def exists(uri: str) -> bool:
@@ -132,18 +249,18 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     if uri.startswith("gs://"):
         gcs.upload(uri, data)
         return
-    _local_write(uri, urlparse(uri).path, lambda f: f.write(data))
+    _local_write(uri, local_path(uri), lambda f: f.write(data))
 
 
-def upload_file_atomic(local_path: str, uri: str, size: int | None = None) -> None:
-    """Copy a local file to ``uri`` atomically and verify it landed whole."""
+def upload_file_atomic(src: str, uri: str, size: int | None = None) -> None:
+    """Copy the local file ``src`` to ``uri`` atomically and verify it landed whole."""
     uri = normalize(uri)
-    size = os.path.getsize(local_path) if size is None else size
+    size = os.path.getsize(src) if size is None else size
     if uri.startswith("gs://"):
-        gcs.upload(uri, local_path)
+        gcs.upload(uri, src)
         return
-    path = urlparse(uri).path
-    _local_write(uri, path, lambda f: _copy(local_path, f))
+    path = local_path(uri)
+    _local_write(uri, path, lambda f: _copy(src, f))
     if os.path.getsize(path) != size:
         raise StorageError(f"{uri}: wrote {os.path.getsize(path)} bytes, expected {size}")
 
@@ -165,7 +282,7 @@ def store(uri: str, src: bytes | str, sha256: str) -> bool:
         if st is not None and st.size == size and st.md5 == _digest(src, "md5"):
             return False
     else:
-        path = urlparse(uri).path
+        path = local_path(uri)
         try:
             intact = os.path.getsize(path) == size and _digest(path, "sha256") == sha256
         except (FileNotFoundError, NotADirectoryError):
@@ -196,7 +313,7 @@ def generation(uri: str) -> str | None:
         st = gcs.stat(uri)
         return st.generation if st else None
     try:
-        st = os.stat(urlparse(uri).path)
+        st = os.stat(local_path(uri))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
@@ -213,7 +330,7 @@ def write_if_generation(uri: str, data: bytes, expected: str | None) -> None:
     if uri.startswith("gs://"):
         gcs.upload(uri, data, if_generation_match=int(expected) if expected is not None else 0)
         return
-    path = urlparse(uri).path
+    path = local_path(uri)
     parent = path.rsplit("/", 1)[0]
     try:
         os.makedirs(parent, exist_ok=True)
@@ -233,28 +350,106 @@ def write_if_generation(uri: str, data: bytes, expected: str | None) -> None:
 
 
 def list_files(uri: str) -> list[str]:
-    return [rel for rel, _ in list_file_ages(uri)]
-
-
-def list_file_ages(uri: str) -> list[tuple[str, float]]:
-    """(path relative to ``uri``, seconds since last modified) of every file below it."""
-    import time
-
+    """Relative paths of every file below ``uri``: what a reader sees, so symlinked
+    folders are followed (experiment roots link shared datasets in)."""
     fs, path = resolve(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
     except OSError as e:
         raise StorageError(f"{uri}: cannot list ({e})") from None
     base = path.rstrip("/") + "/"
+    return sorted(i.path[len(base):] for i in infos if i.type == pafs.FileType.File)
+
+
+def list_file_ages(uri: str) -> list[tuple[str, float]]:
+    """(path relative to ``uri``, seconds since last modified) of every file below it, for
+    deleters: on local disk a symlink is never listed nor followed (pyarrow's recursive
+    listing follows them), so nothing reached through a link can become a candidate. The
+    root itself may be a link: it is the folder the caller named."""
+    import time
+
+    scheme, path = parse(uri)
     now = time.time()
+    if scheme == "file":
+        return sorted((rel, now - mtime) for rel, mtime in _walk_local(uri, path))
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    except OSError as e:
+        raise StorageError(f"{uri}: cannot list ({e})") from None
+    base = path.rstrip("/") + "/"
     return sorted((i.path[len(base):], now - i.mtime.timestamp() if i.mtime else float("inf"))
                   for i in infos if i.type == pafs.FileType.File)
 
 
-def delete(uri: str) -> None:
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
+def _walk_local(uri: str, root: str) -> list[tuple[str, float]]:
+    """(relative path, mtime) of the regular files below ``root``, symlinks skipped."""
+    out: list[tuple[str, float]] = []
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        try:
+            with os.scandir(os.path.join(root, rel) if rel else root) as it:
+                for entry in it:
+                    child = f"{rel}/{entry.name}" if rel else entry.name
+                    if entry.is_symlink():
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(child)
+                    elif entry.is_file(follow_symlinks=False):
+                        out.append((child, entry.stat(follow_symlinks=False).st_mtime))
+        except (FileNotFoundError, NotADirectoryError):
+            if not rel:
+                return []  # no root yet: nothing to list
+        except OSError as e:
+            raise StorageError(f"{uri}: cannot list ({e})") from None
+    return out
+
+
+def delete(uri: str, root: str | None = None) -> bool:
+    """Delete the one file at ``uri``; True when it was there. Never a folder, and never
+    through a symlink: on local disk the file must still be a regular file reached from
+    ``root`` (default: its own folder) without a symlink in any folder between, checked
+    when it is unlinked (each folder is opened with O_NOFOLLOW relative to the one
+    before, the file is lstat-ed and unlinked relative to its folder), so a link swapped
+    in after the listing cannot redirect the delete outside ``root``."""
+    scheme, path = parse(uri)
+    if scheme == "gs":
+        fs, path = resolve(uri)
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return False
         fs.delete_file(path)
+        return True
+    base = local_path(root) if root is not None else os.path.dirname(path)
+    if not (path.startswith(base.rstrip("/") + "/")):
+        raise StorageError(f"{uri}: not under {root}; refusing to delete it")
+    return _unlink_confined(uri, os.path.realpath(base), path[len(base.rstrip("/")) + 1:])
+
+
+def _unlink_confined(uri: str, real_root: str, rel: str) -> bool:
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"{uri}: '{rel}' is not a plain relative path; refusing to delete it")
+    try:
+        fd = os.open(real_root, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StorageError(f"{uri}: cannot delete ({e})") from None
+    try:
+        for name in parts[:-1]:
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        if not stat.S_ISREG(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode):
+            return False  # a symlink, folder or device now stands there: not ours to delete
+        os.unlink(parts[-1], dir_fd=fd)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # gone already, or a folder on the way is not one
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a folder on the way became a symlink
+            return False
+        raise StorageError(f"{uri}: cannot delete ({e})") from None
+    finally:
+        os.close(fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdcore.errors import ConflictError, StorageError
+from kdcore.errors import ConflictError, KDError, StorageError
 from kdcore.storage import fs as sfs
 from kdcore.storage.manifest import MANIFEST_NAME, FileEntry, Manifest, encode_schema
 
@@ -468,38 +469,102 @@ def list_partitions(uri: str, key: str = "date") -> list[str]:
     return sorted(out)
 
 
-def vacuum(uri: str, older_than: float = 0.0, dry_run: bool = False) -> list[str]:
-    """Delete what no manifest under ``uri`` lists and return it (relative paths):
-    files superseded by a re-publish, files of writers killed before their commit, and
-    ``.tmp-*`` files of interrupted writes, in any sub-folder (shards, kept-name folders);
-    plus the local spool folders of dead writers. Files outside any ``key=value``
-    partition folder that no manifest covers (search results, notes) are not ours and
-    stay. Only files older than ``older_than`` seconds go, so a writer still uploading
-    keeps its files; a reader that holds a manifest older than that may lose them."""
-    uri = sfs.normalize(uri)
-    files = sfs.list_file_ages(uri)
-    keep: set[str] = set()
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds in a duration: a number of seconds (``90``, ``1.5``) or a number with a
+    unit (``90s``, ``30m``, ``2h``, ``7d``). ValueError unless positive and finite: a
+    NaN, infinite, zero or negative age would keep or delete files nobody meant."""
+    text = str(value).strip()
+    factor = _DURATION_UNITS.get(text[-1:], 1.0) if text else 1.0
+    number = text[:-1] if text[-1:] in _DURATION_UNITS else text
+    try:
+        seconds = float(number) * factor
+    except ValueError:
+        raise ValueError(f"{value!r} is not a duration (seconds, or a number with s, m, h or d: "
+                         f"90, 90s, 30m, 2h, 7d)") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{value!r} is not a positive finite duration")
+    return seconds
+
+
+def _partition_folders(files: list[tuple[str, float]], uri: str) -> tuple[set[str], set[str]]:
+    """Folders (relative, with a trailing '/'; '' is ``uri`` itself) that hold a readable
+    kd manifest, and the files no vacuum may touch: every manifest, what each manifest
+    lists, and everything under a manifest that cannot be read."""
     published: set[str] = set()
+    keep: set[str] = set()
     for rel, _ in files:
         if rel == MANIFEST_NAME or rel.endswith("/" + MANIFEST_NAME):
             folder = rel[:-len(MANIFEST_NAME)]
-            published.add(folder)
             keep.add(rel)
             try:
-                keep.update(folder + e.path for e in read_manifest(sfs.join(uri, folder)).files)
+                manifest = read_manifest(sfs.join(uri, folder) if folder else uri)
             except StorageError:  # unreadable manifest: touch nothing under it
                 keep.update(r for r, _ in files if r.startswith(folder))
+                continue
+            published.add(folder)
+            keep.update(folder + e.path for e in manifest.files)
+    return published, keep
+
+
+def _key(segment: str) -> str | None:
+    key, eq, value = segment.partition("=")
+    return key if eq and key and value else None
+
+
+def _split(folder: str) -> tuple[str, str]:
+    """('parent/', 'last') of a relative folder written with a trailing '/'."""
+    head, _, last = folder.rstrip("/").rpartition("/")
+    return (head + "/" if head else ""), last
+
+
+def _covered(rel: str, published: set[str], siblings: set[tuple[str, str]]) -> bool:
+    """True when file ``rel`` lies under a kd partition folder: one holding a kd manifest
+    (shards and kept-name folders inside it included), or a ``key=value`` folder whose
+    parent holds a published ``key=...`` partition of the same key (``siblings``: the
+    (parent, key) pairs of published folders), so the files of a writer killed before
+    its first commit go too. Anything else (a foreign ``key=value`` lake, notes, search
+    results) is not ours, whatever its name."""
+    if "" in published:
+        return True
+    folder = ""
+    for seg in rel.split("/")[:-1]:
+        parent, folder = folder, folder + seg + "/"
+        if folder in published or (parent, _key(seg)) in siblings:
+            return True
+    return False
+
+
+def vacuum(uri: str, older_than: float | str = 0.0, dry_run: bool = False) -> list[str]:
+    """Delete what no manifest under ``uri`` lists and return it (relative paths):
+    files superseded by a re-publish, files of writers killed before their commit, and
+    ``.tmp-*`` files of interrupted writes; plus the local spool folders of dead writers.
+
+    Only files under a kd partition folder are candidates (see ``_covered``); on local
+    disk symlinks are neither listed nor followed, and each file is re-checked when it
+    is unlinked (``fs.delete``), so nothing outside ``uri`` goes. A root holding no
+    readable kd manifest is refused: it is not a kd root, or the wrong folder was given.
+    Only files older than ``older_than`` (seconds, or a duration such as ``2h``; 0:
+    everything unlisted, for callers that know no writer runs) go, so a writer still
+    uploading keeps its files; a reader that holds a manifest older than that may lose
+    them."""
+    try:
+        older_than = 0.0 if isinstance(older_than, int | float) and older_than == 0 else parse_duration(older_than)
+    except ValueError as e:
+        raise KDError(f"vacuum: older_than: {e}") from None
+    uri = sfs.normalize(uri)
+    files = sfs.list_file_ages(uri)
+    published, keep = _partition_folders(files, uri)
+    if not published:
+        raise StorageError(f"{uri}: holds no kd partition (no {MANIFEST_NAME}); refusing to vacuum")
+    siblings = {(parent, _key(last)) for parent, last in map(_split, published - {""}) if _key(last)}
     removed = []
     for rel, age in files:
-        if rel in keep or age < older_than:
+        if rel in keep or age < older_than or not _covered(rel, published, siblings):
             continue
-        parts = rel.split("/")
-        parents = ["/".join(parts[:i]) + ("/" if i else "") for i in range(len(parts))]
-        ours = (parts[-1].startswith(sfs.TMP_PREFIX) or any(p in published for p in parents)
-                or any("=" in seg for seg in parts[:-1]))
-        if ours:
-            if not dry_run:
-                sfs.delete(sfs.join(uri, rel))
+        if dry_run or sfs.delete(sfs.join(uri, rel), root=uri):
             removed.append(rel)
     if not dry_run:
         sweep_spools()
