@@ -142,7 +142,7 @@ class PipelineConfig(Strict):
         if env:  # relative to the working directory, like any command-line path
             return sfs.normalize(env)
         root = self.storage_root
-        if "://" in root or os.path.isabs(root):
+        if sfs.has_scheme(root) or os.path.isabs(root):
             return sfs.normalize(root)
         return sfs.normalize(str(self._base / root))
 

@@ -92,10 +92,11 @@ def _root(value: str | None, cfg: Any, config: str) -> str | None:
     """params.root confined to ``allowed_roots(cfg)``; relative to the config's folder
     (as search_root in the file is). Returns the canonical URI, or None when not given."""
     from kdcore.paths import confine_uri
+    from kdcore.storage import fs as sfs
 
     if value is None:
         return None
-    if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+    if isinstance(value, str) and value and not sfs.has_scheme(value) and not os.path.isabs(value):
         value = str(Path(config).parent / value)
     return confine_uri(value, allowed_roots(cfg), "params.root")
 

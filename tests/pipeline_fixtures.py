@@ -21,6 +21,7 @@ import pytest
 
 from kdcore.config import PipelineConfig, load_pipeline
 from kdcore.data import examples, movielens
+from kdcore.storage import fs as sfs
 from kdcore.training.steps import bootstrap
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
@@ -109,4 +110,4 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 def local(uri: str) -> Path:
     """Local path of a file:// (or plain) URI."""
-    return Path(uri.removeprefix("file://"))
+    return Path(sfs.local_path(uri))

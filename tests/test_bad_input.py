@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +86,15 @@ def _diverged_teacher(kd: KD) -> None:
     state = load(blobs[registry.WEIGHTS])
     blobs[registry.WEIGHTS] = save({k: (v * float("nan") if v.is_floating_point() else v) for k, v in state.items()})
     part.publish_blobs(ckpt.uri, blobs, part.read_manifest(ckpt.uri).metadata)
+
+
+def _foreign_lake(lake: Path) -> Path:
+    """A folder of key=value partitions kd never wrote, files two hours old (issue 19)."""
+    for rel in ("events/dt=2025-01-01/part-0.parquet", "events/date=2025-01-01/part-0.parquet"):
+        (lake / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lake / rel).write_bytes(b"x")
+        os.utime(lake / rel, (time.time() - 7200, time.time() - 7200))
+    return lake
 
 
 # Each case: (id, setup(kd, tmp) -> argv after `kd`, regex the one-line error must match).
@@ -188,6 +198,24 @@ CASES: list[tuple[str, Callable[[KD, Path], list[str]], str]] = [
      r"spec\.yaml.*name"),
     ("gs-uri-with-dot-dot", lambda kd, t: ["vacuum", "--root", "gs://bucket/a/../b"],
      r"storage URI 'gs://bucket/a/\.\./b' has a '\.\.' segment"),
+    # issue 19: storage confinement
+    ("vacuum-foreign-lake", lambda kd, t: ["vacuum", "--root", str(_foreign_lake(t / "lake"))],
+     r"/lake: holds no kd partition \(no _MANIFEST\.json\); refusing to vacuum"),
+    ("vacuum-older-than-nan", lambda kd, t: ["vacuum", "--root", str(kd.root), "--older-than", "nan"],
+     r"argument --older-than: 'nan' is not a positive finite duration"),
+    ("vacuum-older-than-negative", lambda kd, t: ["vacuum", "--root", str(kd.root), "--older-than", "-100"],
+     r"argument --older-than: '-100' is not a positive finite duration"),
+    ("vacuum-older-than-zero", lambda kd, t: ["vacuum", "--root", str(kd.root), "--older-than", "0"],
+     r"argument --older-than: '0' is not a positive finite duration"),
+    ("file-uri-with-literal-hash", lambda kd, t: ["data", "synth", "--root", f"file://{t}/x#y", "--from",
+                                                  "2026-01-01", "--to", "2026-01-03", "--rows-per-day", "100"],
+     r"storage URI 'file://.*/x#y' has a literal '#'.*percent-encode it \(%23\) or pass a plain path"),
+    ("gs-uri-with-wildcard", lambda kd, t: ["vacuum", "--root", "gs://bucket/kd/day*"],
+     r"storage URI 'gs://bucket/kd/day\*' has '\*', which GCS tools read as a wildcard"),
+    ("gs-uri-with-newline", lambda kd, t: ["vacuum", "--root", "gs://bucket/kd\nx"],
+     r"storage URI 'gs://bucket/kd\\nx' has control character '\\n' \(U\+000A\)"),
+    ("gs-invalid-bucket", lambda kd, t: ["vacuum", "--root", "gs://My_Bucket/kd"],
+     r"'My_Bucket' is not a valid GCS bucket name"),
 ]
 
 

@@ -118,7 +118,7 @@ class SearchConfig(Strict):
         return [*self.candidates, *(self.grid.expand() if self.grid else [])]
 
     def _abs(self, value: str) -> str:
-        if "://" in value or os.path.isabs(value):
+        if sfs.has_scheme(value) or os.path.isabs(value):
             return sfs.normalize(value)
         return sfs.normalize(str(self._base / value))
 

@@ -58,7 +58,7 @@ def render_teacher(name: str, model: dict[str, Any], source: str, approved_by: s
 
 def load_result(uri: str) -> dict[str, Any]:
     try:
-        result = read_json(uri if "://" in uri else sfs.normalize(uri))
+        result = read_json(sfs.normalize(uri))
     except Exception as e:  # noqa: BLE001 - any unreadable result is the same user error
         raise SpecError(f"--search-result {uri}: cannot read the search result ({e})") from None
     if result.get("kind") != "teacher_search_result":

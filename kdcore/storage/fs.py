@@ -66,9 +66,15 @@ def parse(uri: str) -> tuple[str, str]:
         return "gs", _parse_gs(uri)
     if uri.startswith("file://"):
         return "file", _parse_file(uri)
-    if _SCHEME.match(uri):
+    if has_scheme(uri):
         raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or gs://")
     return "file", _absolute(os.path.expanduser(uri))
+
+
+def has_scheme(value: str) -> bool:
+    """True when ``value`` is a URI (``scheme://...``) rather than a plain path: the test
+    ``parse`` itself applies, for callers that resolve relative paths against a folder."""
+    return _SCHEME.match(str(value)) is not None
 
 
 def _absolute(path: str) -> str:
