@@ -165,7 +165,7 @@ def test_partitions_on_a_local_root_with_unusual_characters(tmp_path):
 def test_gs_names_with_spaces_and_unicode_round_trip(gcs_emulator):
     """Written by google-cloud-storage, read by pyarrow's GcsFileSystem: both must mean
     the same literal object name."""
-    root = f"gs://{gcs_emulator}/{uuid.uuid4().hex}/r 1 é"
+    root = f"gs://{gcs_emulator}/{uuid.uuid4().hex}/r 1 é %41"  # '%41' stays three characters
     uri = sfs.join(root, "date=2024-01-01")
     table = pa.table({"id": [1, 2, 3]})
     publish_table(uri, table)
