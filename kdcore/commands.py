@@ -40,6 +40,7 @@ def data_synth(args: argparse.Namespace) -> int:
 
     base = load_yaml(synth.SynthConfig, args.config).model_dump() if args.config else {}
     start, end = examples.parse_date(args.start), examples.parse_date(args.end)
+    _check_range(start, end)
     cfg = validate(synth.SynthConfig, {**base, "seed": args.seed, "rows_per_day": args.rows_per_day,
                                        "shift_date": args.shift_date, "shift_strength": args.shift_strength,
                                        "start_date": base.get("start_date", start)}, "kd data synth flags")
@@ -63,11 +64,32 @@ def data_synth(args: argparse.Namespace) -> int:
 @arg("--from", dest="start", default=None, help="first date to publish (YYYY-MM-DD; default: all)")
 @arg("--to", dest="end", default=None, help="last date to publish (YYYY-MM-DD; default: all)")
 def data_ingest(args: argparse.Namespace) -> int:
+    from kdcore.data.examples import parse_date
     from kdcore.data.ingest import ingest
     from kdcore.data.spec import load_spec
 
+    _check_range(parse_date(args.start) if args.start else None, parse_date(args.end) if args.end else None)
+
     print(json.dumps(ingest(load_spec(args.spec), args.source, args.root, args.format, args.start, args.end)))
     return 0
+
+
+def _check_range(start, end) -> None:
+    """A reversed range is a typo, not an empty request: say so instead of doing nothing."""
+    from kdcore.errors import SpecError
+
+    if start is not None and end is not None and start > end:
+        raise SpecError(f"--from {start} is after --to {end}: the date range is reversed")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: '{value}'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of days, got {n}")
+    return n
 
 
 def _cfg(args: argparse.Namespace):
@@ -106,7 +128,7 @@ CONFIG = ("--config",), {"default": "configs/demo.yaml", "help": "pipeline confi
 @command("bootstrap", help="train teacher and students on a window of history in one go")
 @arg(*CONFIG[0], **CONFIG[1])
 @arg("--through", required=True, type=_day, help="last history date (YYYY-MM-DD)")
-@arg("--days", type=int, default=None, help="window length (default: bootstrap.days of the config)")
+@arg("--days", type=_positive_int, default=None, help="window length in days (default: bootstrap.days of the config)")
 def bootstrap_cmd(args: argparse.Namespace) -> int:
     from kdcore.training.steps import bootstrap
 
@@ -194,6 +216,7 @@ def run_cmd(args: argparse.Namespace) -> int:
     from kdcore.errors import KDError
     from kdcore.pipeline import STAGES, run
 
+    _check_range(args.start, args.end)
     stages = args.stages or list(STAGES)
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:

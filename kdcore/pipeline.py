@@ -88,6 +88,8 @@ def run(cfg: PipelineConfig, start: dt.date, end: dt.date, progress: bool = True
     """Day by day, in date order, so continuous training sees the days in sequence."""
     from kdcore.data.examples import list_days
 
+    if start > end:
+        raise KDError(f"the date range {start} .. {end} is reversed (its start is after its end)")
     days = [d for d in list_days(cfg.root, cfg.spec.name) if start <= d <= end]
     if not days:
         raise KDError(f"no example partitions between {start} and {end}")

@@ -97,6 +97,22 @@ def _foreign_lake(lake: Path) -> Path:
     return lake
 
 
+def _truncated_optimizer(kd: KD) -> None:
+    """The teacher's optimizer state is cut short, under a manifest that lists it as it is."""
+    ckpt = registry.find_checkpoint(kd.cfg.root, "movielens", "teacher", kd.B)
+    blobs = {f.name: part.read_blob(ckpt.uri, f.name) for f in part.read_manifest(ckpt.uri).files}
+    blobs[registry.OPTIMIZER] = blobs[registry.OPTIMIZER][: len(blobs[registry.OPTIMIZER]) // 2]
+    part.publish_blobs(ckpt.uri, blobs, part.read_manifest(ckpt.uri).metadata)
+
+
+def _timestamp_off_day(kd: KD) -> None:
+    """One row of the day carries the next day's timestamp."""
+    t = _day_table(kd)
+    ts = t.column("timestamp").cast(pa.int64()).to_numpy().copy()
+    ts[3] += 86_400
+    _replace_day(kd, _set(t, "timestamp", pa.array(ts).cast(t.schema.field("timestamp").type)))
+
+
 # Each case: (id, setup(kd, tmp) -> argv after `kd`, regex the one-line error must match).
 D1 = "{d1}"
 CASES: list[tuple[str, Callable[[KD, Path], list[str]], str]] = [
@@ -216,6 +232,31 @@ CASES: list[tuple[str, Callable[[KD, Path], list[str]], str]] = [
      r"storage URI 'gs://bucket/kd\\nx' has control character '\\n' \(U\+000A\)"),
     ("gs-invalid-bucket", lambda kd, t: ["vacuum", "--root", "gs://My_Bucket/kd"],
      r"'My_Bucket' is not a valid GCS bucket name"),
+    # issue 19: inputs that claimed to be something they are not
+    ("truncated-optimizer-state", lambda kd, t: (_truncated_optimizer(kd), ["teacher", "refresh", "--config",
+                                                                             str(TINY), "--date", D1])[1],
+     r"optimizer\.safetensors: optimizer state of teacher-\d{8}-\w+ cannot be restored"),
+    ("feature-beyond-float32", lambda kd, t: (_poke(kd, "release_year", 3e38), ["run", "--config", str(TINY),
+                                                "--from", D1, "--to", D1])[1],
+     r"column 'release_year' has 1 value\(s\) beyond \+/-1e\+18, e\.g\. 3e\+38 .*rescale the column"),
+    ("timestamp-on-another-day", lambda kd, t: (_timestamp_off_day(kd), ["run", "--config", str(TINY),
+                                                "--from", D1, "--to", D1])[1],
+     r"date=" + D1 + r".*column 'timestamp' has 1 timestamp\(s\) outside " + D1 + r" \(UTC\), e\.g\. "),
+    ("synth-rows-per-day-unbounded", lambda kd, t: ["data", "synth", "--root", str(t / "s"), "--from", "2026-01-01",
+                                                    "--to", "2026-01-01", "--rows-per-day", "2000000000"],
+     r"rows_per_day.*100000000"),
+    ("synth-reversed-range", lambda kd, t: ["data", "synth", "--root", str(t / "s"), "--from", "2026-01-07",
+                                            "--to", "2026-01-01", "--rows-per-day", "100"],
+     r"--from 2026-01-07 is after --to 2026-01-01: the date range is reversed"),
+    ("run-reversed-range", lambda kd, t: ["run", "--config", str(TINY), "--from", kd.day(2).isoformat(),
+                                          "--to", D1],
+     r"--from \S+ is after --to " + D1 + r": the date range is reversed"),
+    ("bootstrap-negative-days", lambda kd, t: ["bootstrap", "--config", str(TINY), "--through", D1,
+                                               "--days", "-4"],
+     r"argument --days: must be a positive number of days, got -4"),
+    ("refresh-before-bootstrap", lambda kd, t: ["teacher", "refresh", "--config", str(TINY), "--date",
+                                                kd.days[0].isoformat()],
+     r"'teacher' has no checkpoint before \S+: its first is trained through .*bootstrap again"),
 ]
 
 

@@ -60,6 +60,29 @@ def check_schema(schema: pa.Schema, spec: DatasetSpec, source: str) -> None:
         raise DataError(f"{source}: column '{spec.example_id}' must be an integer or string id, found {typ}")
 
 
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def check_timestamps(batch: pa.RecordBatch | pa.Table, spec: DatasetSpec, day: dt.date, source: str) -> None:
+    """Every timestamp of a day's partition falls on that UTC day. A row filed under the
+    wrong date is trained and evaluated as the wrong day's traffic (progressive validation
+    would then see the future), so it is refused, naming the row and the date it is on."""
+    col = batch.column(spec.timestamp)
+    unit = col.type.unit
+    per_s = _PER_SECOND[unit]
+    start = (day - dt.date(1970, 1, 1)).days * 86_400 * per_s
+    values = np.asarray(pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False))
+    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    bad = valid & ((values < start) | (values >= start + 86_400 * per_s))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        on = dt.datetime.fromtimestamp(values[i] / per_s, dt.UTC)
+        raise DataError(f"{source}: column '{spec.timestamp}' has {int(bad.sum())} timestamp(s) outside "
+                        f"{day} (UTC), e.g. {on:%Y-%m-%d %H:%M:%S} UTC at {spec.example_id}="
+                        f"{batch.column(spec.example_id)[i].as_py()!r}; a day's partition holds that day's "
+                        f"rows only (publish each row under the UTC date of its timestamp)")
+
+
 def _check_ids(ids: pa.Array, spec: DatasetSpec, source: str) -> None:
     if ids.null_count:
         raise DataError(f"{source}: column '{spec.example_id}' has {ids.null_count} null ids")
@@ -105,6 +128,7 @@ def publish_day(root: str, spec: DatasetSpec, day: str | dt.date,
                 writer = part.PartitionWriter(uri, batch.schema, {
                     "dataset": spec.name, "date": day.isoformat(), **dict(metadata or {})},
                     max_rows_per_file=max_rows_per_file)
+            check_timestamps(batch, spec, day, uri)
             id_col = batch.column(spec.example_id)
             ids.extend(id_col.chunks if isinstance(id_col, pa.ChunkedArray) else [id_col])
             writer.write(batch)

@@ -32,6 +32,7 @@ from kdcore.yamlconf import Strict
 __all__ = ["SYNTH_SCHEMA", "SynthConfig", "dataset_spec", "generate_day"]
 
 ROW_ID_SPAN = 10**10  # example_id = day_index * ROW_ID_SPAN + row
+MAX_ROWS_PER_DAY = 100_000_000
 LATENT_DIM = 8
 N_DENSE = 5  # f0..f4: noisy views of the first latent interaction terms
 N_FLIPPED = 4  # latent dims whose effect the shift reverses (f0..f3 visibly flip)
@@ -54,7 +55,9 @@ class SynthConfig(Strict):
     """Knobs of the synthetic stream; see the module docstring for what each drives."""
 
     seed: int = Field(0, ge=0)
-    rows_per_day: int = Field(10_000, ge=1, lt=ROW_ID_SPAN)
+    # 100M rows is ~10 GB of examples a day, far past any test or benchmark here: a larger
+    # value is a typo (2e9 streamed 6.9 GB before anyone noticed), not a request.
+    rows_per_day: int = Field(10_000, ge=1, le=MAX_ROWS_PER_DAY)
     batch_rows: int = Field(262_144, ge=1)
     n_users: int = Field(100_000, ge=1)
     n_items: int = Field(20_000, ge=1)

@@ -29,8 +29,13 @@ log = logging.getLogger(__name__)
 _VALID: dict[tuple[str, str], dict[str, Any]] = {}  # (uri, manifest digest) -> summary
 _RECORDED: set[tuple[str, str]] = set()  # of those, the ones a stored record matches
 # Bump when a rule is added or tightened: records of an older version are checked again.
-RULES_VERSION = 1
+RULES_VERSION = 2  # 2: timestamps on the partition's date, feature magnitudes within MAX_ABS_FEATURE
 RECORD = "validation.json"
+# Features are cast to float32 and normalized by statistics fitted at cold start; a value
+# beyond about sqrt(float32 max) ~ 1.8e19 overflows to inf as soon as it is squared or meets
+# a weight, and training then diverges far from the cause (after labels and quality are
+# published). No real feature has such a magnitude: it is a unit or encoding error.
+MAX_ABS_FEATURE = 1e18
 
 
 def record_uri(root: str, dataset: str, day: dt.date) -> str:
@@ -124,6 +129,7 @@ def validate_day(root: str, spec: DatasetSpec, day: dt.date, manifest: part.Mani
         for col in spec.numeric:
             _check_numeric(batch, spec, col, uri)
         _check_nulls(batch, spec, spec.timestamp, uri, "a timestamp")
+        examples.check_timestamps(batch, spec, day, uri)
         checked += batch.num_rows
     all_ids = pa.concat_arrays(ids)
     del ids
@@ -178,6 +184,11 @@ def _check_numeric(batch: pa.RecordBatch, spec: DatasetSpec, col: str, uri: str)
     if bad.any():
         raise DataError(f"{uri}: column '{col}' has {int(bad.sum())} infinite value(s) "
                         f"({_example(batch, spec, bad)}); features must be finite or null")
+    huge = np.abs(np.nan_to_num(v)) > MAX_ABS_FEATURE
+    if huge.any():
+        raise DataError(f"{uri}: column '{col}' has {int(huge.sum())} value(s) beyond +/-{MAX_ABS_FEATURE:g}, "
+                        f"e.g. {float(v[huge][0]):g} ({_example(batch, spec, huge)}); float32 training overflows "
+                        f"on such magnitudes: rescale the column (e.g. log or other units) in the source")
     if spec.null_policy(col) == "error" and np.isnan(v).any():
         raise DataError(f"{uri}: column '{col}' has NaN value(s) and its null policy is 'error' "
                         f"({_example(batch, spec, np.isnan(v))})")

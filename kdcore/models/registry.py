@@ -94,7 +94,12 @@ class Checkpoint:
         opt = make_optimizer(model)
         state = self.meta.get("optimizer")
         if state is not None:
-            load_optimizer_state(opt, model, part.read_blob(self.uri, OPTIMIZER), state, strict=False)
+            try:
+                load_optimizer_state(opt, model, part.read_blob(self.uri, OPTIMIZER), state, strict=False)
+            except ValueError as e:  # truncated or foreign state under a manifest that lists it
+                raise StorageError(f"{sfs.join(self.uri, OPTIMIZER)}: optimizer state of {self.version} cannot "
+                                   f"be restored ({e}); re-publish the checkpoint (re-run its day with "
+                                   f"--force) or bootstrap again") from None
         return opt
 
 
@@ -129,9 +134,18 @@ def find_version(root: str, dataset: str, name: str, version: str) -> Checkpoint
 
 
 def parent_for(root: str, dataset: str, name: str, day: dt.date) -> Checkpoint | None:
-    """The parent a day step warm-starts from: the newest checkpoint before ``day``."""
-    prev = latest_before(root, dataset, name, day)
-    return find_checkpoint(root, dataset, name, prev) if prev else None
+    """The parent a day step warm-starts from: the newest checkpoint before ``day``.
+
+    None (a cold start) only when the model has no checkpoint at all: a day dated before
+    the model's first checkpoint (its bootstrap) would start a second, orphan lineage from
+    random weights beside the real one, so it is refused."""
+    days = list_checkpoints(root, dataset, name)
+    before = [d for d in days if d < day]
+    if not before and days:
+        raise LineageError(f"'{name}' has no checkpoint before {day}: its first is trained through {min(days)} "
+                           f"({checkpoint_uri(root, dataset, name, min(days))}); train days after {min(days)}, "
+                           f"or bootstrap again through a date before {day}")
+    return find_checkpoint(root, dataset, name, max(before)) if before else None
 
 
 def check_parent(parent: Checkpoint | None, day: dt.date) -> None:

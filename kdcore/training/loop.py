@@ -194,7 +194,9 @@ def _fit(model: MultiTaskRanker, n: int, windows: Callable[[int], Iterator[Windo
                                                 {k: v[b] for k, v in soft_p.items()} if soft_p else None,
                                                 list(model.tasks), distill)
                 if not math.isfinite(parts["total"]):  # the loss as a float, already computed
-                    raise TrainingDiverged(f"non-finite training loss at step {steps}: {parts}")
+                    raise TrainingDiverged(f"{tag}: non-finite training loss at step {steps} of epoch {epoch + 1} ({parts}); "
+                                           f"nothing published: look for extreme feature or label values in the day, or "
+                                           f"lower the learning rate")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -216,7 +218,7 @@ def _fit(model: MultiTaskRanker, n: int, windows: Callable[[int], Iterator[Windo
                      n / max(now - t_epoch, 1e-9), now - t_epoch, now - t_fit, opt.param_groups[0]["lr"], step)
     for p in model.parameters():
         if not torch.isfinite(p).all():
-            raise TrainingDiverged("non-finite weights after training")
+            raise TrainingDiverged(f"{tag}: non-finite weights after training; nothing published")
     task_sum = sum(v for k, v in totals.items() if k.startswith("task/"))
     share = {k.removeprefix("task/"): (v / task_sum if task_sum > 0 else math.nan)
              for k, v in totals.items() if k.startswith("task/")}

@@ -22,7 +22,7 @@ from kdcore.config import PipelineConfig, StudentConfig
 from kdcore.data.validate import ensure_valid
 from kdcore.distill.adapter import fit_adapters
 from kdcore.distill.config import DistillConfig
-from kdcore.errors import StorageError
+from kdcore.errors import SpecError, StorageError
 from kdcore.labels.join import load_aligned, load_joined
 from kdcore.models import registry
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
@@ -241,7 +241,9 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
     from kdcore.data.examples import list_days
 
     set_determinism(cfg.torch_threads)
-    n = days or cfg.bootstrap.days
+    n = cfg.bootstrap.days if days is None else days
+    if n < 1:
+        raise SpecError(f"bootstrap window: days must be at least 1, got {n}")
     avail = [d for d in list_days(cfg.root, cfg.spec.name) if d <= through]
     window = avail[-n:]
     if not window:
