@@ -115,7 +115,7 @@ def test_unreadable_file_is_named(tmp_path):
 def test_publish_day_rejects_contract_violations(tmp_path):
     spec = load_spec(movielens.SPEC_PATH)
     base = {c: [1.0, 2.0] for c in spec.numeric}
-    base.update({"example_id": [1, 1], "timestamp": pa.array([0, 1], pa.timestamp("s", tz="UTC")),
+    base.update({"example_id": [1, 1], "timestamp": pa.array([1577836800, 1577836801], pa.timestamp("s", tz="UTC")),
                  "user_id": [1, 2], "item_id": [3, 4], "gender": ["M", "F"], "occupation": ["a", "b"],
                  "age_bucket": ["x", "y"], "like": [0, 1], "rating": [1.0, 5.0]})
     root = str(tmp_path)

@@ -66,10 +66,13 @@ _PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 def check_timestamps(batch: pa.RecordBatch | pa.Table, spec: DatasetSpec, day: dt.date, source: str) -> None:
     """Every timestamp of a day's partition falls on that UTC day. A row filed under the
     wrong date is trained and evaluated as the wrong day's traffic (progressive validation
-    would then see the future), so it is refused, naming the row and the date it is on."""
+    would then see the future), so it is refused, naming the row and the date it is on.
+    A spec that declares its own partition ``date`` column (a local calendar day, a
+    processing date) has said the partition date is not the timestamp's: nothing to check."""
+    if spec.date is not None:
+        return
     col = batch.column(spec.timestamp)
-    unit = col.type.unit
-    per_s = _PER_SECOND[unit]
+    per_s = _PER_SECOND[col.type.unit]
     start = (day - dt.date(1970, 1, 1)).days * 86_400 * per_s
     values = np.asarray(pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False))
     valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
@@ -80,7 +83,8 @@ def check_timestamps(batch: pa.RecordBatch | pa.Table, spec: DatasetSpec, day: d
         raise DataError(f"{source}: column '{spec.timestamp}' has {int(bad.sum())} timestamp(s) outside "
                         f"{day} (UTC), e.g. {on:%Y-%m-%d %H:%M:%S} UTC at {spec.example_id}="
                         f"{batch.column(spec.example_id)[i].as_py()!r}; a day's partition holds that day's "
-                        f"rows only (publish each row under the UTC date of its timestamp)")
+                        f"rows only (publish each row under the UTC date of its timestamp, or declare the "
+                        f"spec's `date` column)")
 
 
 def _check_ids(ids: pa.Array, spec: DatasetSpec, source: str) -> None:
