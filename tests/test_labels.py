@@ -22,7 +22,15 @@ from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 from kdcore.training import steps
 from kdcore.training.data import load_days
-from tests.pipeline_fixtures import KD, copy_root, kd, kd_base, local, tree_digest  # noqa: F401  (fixtures)
+from tests.pipeline_fixtures import (  # noqa: F401  (fixtures)
+    KD,
+    copy_root,
+    kd,
+    kd_base,
+    local,
+    tree_digest,
+    yesterdays_labels_as_today,
+)
 
 DS = "movielens"
 
@@ -326,40 +334,6 @@ def test_student_with_missing_labels_policy_trains_on_the_whole_day_without_kd(k
     # The very model the gate's hard_labels_only action trains: no soft term at all.
     gate_said = steps.student_step(cfg, "student_direct", D, full["uri"], action="hard_labels_only", force=True)
     assert gate_said["version"] == out["version"]
-
-
-def _restart_ids(kd: KD, day, rows: int | None = None) -> None:
-    """Re-publish a day with example ids 0..n-1, as a source whose ids restart every day
-    would (the ingest contract allows it): ids then say nothing about the day."""
-    from kdcore.data import examples
-
-    t = examples.read_day(kd.cfg.root, kd.cfg.spec, day)
-    t = t.slice(0, rows) if rows is not None else t
-    t = t.set_column(t.schema.get_field_index("example_id"), "example_id",
-                     pa.array(np.arange(t.num_rows, dtype=np.int64)))
-    part.publish_table(examples.examples_uri(kd.cfg.root, DS, day), t)
-
-
-def yesterdays_labels_as_today(kd: KD) -> tuple[str, str]:
-    """Days 1 and 2 with ids that restart, day 1's labels copied into day 2's folder of the
-    same teacher: (day 1's labels URI, the copy's URI). Day 2 is cut to day 1's size so
-    every id of day 2 has a label in the copy (the join alone would see nothing wrong)."""
-    import shutil
-
-    from kdcore.data import examples
-    from kdcore.data.validate import ensure_valid
-
-    d1, d2 = kd.day(1), kd.day(2)
-    rows = min(examples.read_day(kd.cfg.root, kd.cfg.spec, d).num_rows for d in (d1, d2))
-    _restart_ids(kd, d1)
-    _restart_ids(kd, d2, rows)
-    src = mat.materialize(kd.cfg, d1)
-    version = mat.choose_teacher(kd.cfg, d2).version
-    assert version == src["teacher_version"]  # the same teacher labels both days
-    dst = labels_uri(kd.cfg.root, DS, d2, version)
-    shutil.copytree(local(src["uri"]), local(dst))
-    ensure_valid(kd.cfg.root, kd.cfg.spec, d2, record=True)  # as the DAG's boundary check records it
-    return src["uri"], dst
 
 
 def test_labels_of_another_day_are_refused_by_students_and_gate(kd: KD):
