@@ -351,6 +351,12 @@ def test_labels_of_another_day_are_refused_by_students_and_gate(kd: KD):
     for name in ("student_aux", "student_direct"):
         with pytest.raises(DataError, match=pattern):
             steps.student_step(cfg, name, d2, copy)
+    # a student that streams the day (labels read alongside in row order, no id join) too
+    streams = cfg.model_copy(update={"students": [
+        x.model_copy(update={"model": x.model.model_copy(update={"shuffle_window_rows": 100})})
+        if x.name == "student_aux" else x for x in cfg.students]})
+    with pytest.raises(DataError, match=pattern):
+        steps.student_step(streams, "student_aux", d2, copy)
     with pytest.raises(DataError, match=pattern):
         run_day(cfg, d2, stages=["gate", "students"])
     lenient = _with_policies(kd, missing_labels="hard_labels_only")  # the policy does not excuse it

@@ -224,6 +224,7 @@ def test_students_in_every_mode_record_kd_metadata(kd: KD):
         assert m["teacher_version"] == teacher_b
         assert m["label_staleness_days"] == 1
         assert sfs.join(sfs.normalize(cfg.root), m["labels_path"]) == sfs.normalize(labels)
+        assert m["labels_path"].endswith(f"/teacher={m['teacher_version']}")  # one teacher in the whole story
         assert m["labels_missing"] == 0 and m["label_teacher_stale"] is False
     assert metas["student_aux"]["aux_heads"] is True
     assert metas["student_direct"]["aux_heads"] is False
