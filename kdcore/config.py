@@ -63,7 +63,10 @@ class Policies(Strict):
         "out_of_sample", description="out_of_sample: the labelling teacher has not seen D; in_sample: it has")
     label_lag_days: int = Field(1, ge=0, description="labels for D come from a teacher through D - lag")
     missing_labels: Literal["error", "hard_labels_only"] = Field(
-        "error", description="what a student does when an example has no teacher label")
+        "error", description="what a student does when some examples of the day have no teacher label: "
+                             "error stops it; hard_labels_only trains it on the whole day's hard labels "
+                             "without distillation that day (kd_applied false, labels_missing and the reason "
+                             "in its checkpoint meta)")
 
     @model_validator(mode="after")
     def _lag_matches_policy(self) -> Policies:

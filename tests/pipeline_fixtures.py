@@ -111,3 +111,40 @@ def tree_digest(path: Path) -> dict[str, str]:
 def local(uri: str) -> Path:
     """Local path of a file:// (or plain) URI."""
     return Path(sfs.local_path(uri))
+
+
+def _restart_ids(kd: KD, day: dt.date, rows: int | None = None) -> None:
+    """Re-publish a day with example ids 0..n-1, as a source whose ids restart every day
+    would (the ingest contract allows it): ids then say nothing about the day."""
+    import numpy as np
+    import pyarrow as pa
+
+    from kdcore.storage import partition as part
+
+    t = examples.read_day(kd.cfg.root, kd.cfg.spec, day)
+    t = t.slice(0, rows) if rows is not None else t
+    t = t.set_column(t.schema.get_field_index(kd.cfg.spec.example_id), kd.cfg.spec.example_id,
+                     pa.array(np.arange(t.num_rows, dtype=np.int64)))
+    part.publish_table(examples.examples_uri(kd.cfg.root, kd.cfg.spec.name, day), t)
+
+
+def yesterdays_labels_as_today(kd: KD) -> tuple[str, str]:
+    """Days 1 and 2 with ids that restart, day 1's labels copied into day 2's folder of the
+    same teacher: (day 1's labels URI, the copy's URI). Day 2 is cut to at most day 1's
+    size, so every id of day 2 has a label in the copy (a join by id sees nothing wrong).
+    Day 2 is recorded valid, as the pipeline's boundary check records it."""
+    from kdcore.data.validate import ensure_valid
+    from kdcore.labels import materialize as mat
+    from kdcore.labels.store import labels_uri
+
+    d1, d2 = kd.day(1), kd.day(2)
+    rows = min(examples.read_day(kd.cfg.root, kd.cfg.spec, d).num_rows for d in (d1, d2))
+    _restart_ids(kd, d1)
+    _restart_ids(kd, d2, rows)
+    src = mat.materialize(kd.cfg, d1)
+    version = mat.choose_teacher(kd.cfg, d2).version
+    assert version == src["teacher_version"]  # the same teacher labels both days
+    dst = labels_uri(kd.cfg.root, kd.cfg.spec.name, d2, version)
+    shutil.copytree(local(src["uri"]), local(dst))
+    ensure_valid(kd.cfg.root, kd.cfg.spec, d2, record=True)
+    return src["uri"], dst

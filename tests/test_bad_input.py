@@ -113,6 +113,26 @@ def _timestamp_off_day(kd: KD) -> None:
     _replace_day(kd, _set(t, "timestamp", pa.array(ts).cast(t.schema.field("timestamp").type)))
 
 
+def _yesterdays_labels(kd: KD) -> None:
+    """Day 1's labels copied into day 2's folder of the same teacher, ids restarting daily."""
+    from tests.pipeline_fixtures import yesterdays_labels_as_today
+
+    yesterdays_labels_as_today(kd)
+
+
+def _control_as_student_direct(kd: KD) -> None:
+    """The control's bootstrap checkpoint copied over student_direct's (its parent for day
+    1), with day 1's labels materialized so the student gets as far as its parent."""
+    import shutil
+
+    from kdcore.labels import materialize as mat
+
+    mat.materialize(kd.cfg, kd.day(1))
+    folder = local(registry.checkpoint_uri(kd.cfg.root, "movielens", "student_direct", kd.B))
+    shutil.rmtree(folder)
+    shutil.copytree(local(registry.checkpoint_uri(kd.cfg.root, "movielens", "control", kd.B)), folder)
+
+
 # Each case: (id, setup(kd, tmp) -> argv after `kd`, regex the one-line error must match).
 D1 = "{d1}"
 CASES: list[tuple[str, Callable[[KD, Path], list[str]], str]] = [
@@ -257,6 +277,20 @@ CASES: list[tuple[str, Callable[[KD, Path], list[str]], str]] = [
     ("refresh-before-bootstrap", lambda kd, t: ["teacher", "refresh", "--config", str(TINY), "--date",
                                                 kd.days[0].isoformat()],
      r"'teacher' has no checkpoint before \S+: its first is trained through .*bootstrap again"),
+    # issue 19: inputs (labels checked against the day they are used for, checkpoints against their model)
+    ("labels-of-the-day-before-student", lambda kd, t: (_yesterdays_labels(kd), [
+        "student", "train", "--config", str(TINY), "--name", "student_aux", "--date", kd.day(2).isoformat()])[1],
+     r"labels at \S+/labels/movielens/date=\S+/teacher=teacher-\d{8}-\w+ are for " + D1
+     + r" \(examples \w{12}\) but are used for \S+ \(examples \w{12}\); re-materialize them"),
+    ("labels-of-the-day-before-gate", lambda kd, t: (_yesterdays_labels(kd), [
+        "run", "--config", str(TINY), "--from", kd.day(2).isoformat(), "--to", kd.day(2).isoformat(), "--stages",
+        "gate", "students"])[1],
+     r"labels at \S+/labels/movielens/date=\S+/teacher=teacher-\d{8}-\w+ are for " + D1
+     + r" \(examples \w{12}\) but are used for \S+ \(examples \w{12}\); re-materialize them"),
+    ("checkpoint-of-another-model-as-parent", lambda kd, t: (_control_as_student_direct(kd), [
+        "student", "train", "--config", str(TINY), "--name", "student_direct", "--date", D1])[1],
+     r"models/movielens/student_direct/date=\S+ holds a checkpoint of 'control' \(dataset movielens, trained "
+     r"through \S+, version control-\d{8}-\w+\); refusing it as student_direct's"),
 ]
 
 

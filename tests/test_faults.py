@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -210,3 +211,131 @@ def test_a_manifest_with_a_plausible_flip_is_refused(tmp_path):
     path.write_text(text.replace('"rows": 12', '"rows": 13', 1))
     with pytest.raises(StorageError, match="corrupt manifest.*checksum does not match"):
         part.read_manifest(uri)
+
+
+# The kd command line as `python -m kdcore.cli` runs it, with the INFO log the Airflow tasks
+# keep (the command line itself logs nothing), so a test can follow a trainer's progress.
+LOGGED_KD = ("import logging, sys; logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s'); "
+             "from kdcore.cli import main; sys.exit(main())")
+
+
+class _Trainer:
+    """A `kd` process whose log lines the test waits on (a reader thread drains stderr)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        import queue
+        import threading
+
+        self.proc = subprocess.Popen([sys.executable, "-c", LOGGED_KD, *args], env=env, cwd=str(REPO), text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self._new: queue.Queue[str | None] = queue.Queue()
+
+        def drain() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                self._new.put(line)
+            self._new.put(None)
+
+        self._reader = threading.Thread(target=drain, daemon=True)
+        self._reader.start()
+
+    def wait_for(self, text: str, timeout: float = 600) -> None:
+        """Until a log line contains ``text`` (the timeout only guards against a hang)."""
+        import queue
+
+        while True:
+            try:
+                line = self._new.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail(f"no log line with {text!r} in {timeout} s:\n{''.join(self.lines)}")
+            if line is None:
+                pytest.fail(f"exited ({self.proc.wait()}) before logging {text!r}:\n{''.join(self.lines)}")
+            if text in line:
+                return
+
+    def finish(self, timeout: float = 600) -> tuple[int, str, str]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        self._reader.join(timeout)
+        return self.proc.returncode, out, "".join(self.lines)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _racer_config(tmp: Path) -> Path:
+    """tiny.yaml plus a student 'racer' that has no checkpoint yet (it cold-starts on the
+    day) and trains for a few seconds (batch 8, 20 epochs), so a trainer stopped at its
+    first training log line is stopped well before it can commit."""
+    import yaml
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw["dataset"] = str(REPO / "configs" / "movielens.yaml")
+    model = {**raw["students"][0]["model"], "batch_size": 8, "epochs": 20}
+    raw["students"].append({"name": "racer", "model": model, "distill": {"mode": "direct"}})
+    path = tmp / "racer.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_two_racing_trainers_one_wins_the_other_conflicts_and_nothing_is_lost(kd: KD, tmp_path):
+    """Two `kd student train` of the same model and day, with different inputs (distill vs
+    hard labels only), both started before either commits: exactly one exits 0, the other
+    exits 2 with a ConflictError line, and the stored checkpoint is the winner's. (Each
+    used to read the generation when it published, so the later one silently replaced the
+    earlier one's checkpoint, both exiting 0.)
+
+    Both must have read the checkpoint's generation before either commits: the first is
+    stopped (SIGSTOP) at its log line that training began, the second is started and waited
+    for to the same line, then the first continues. Progress, not a clock, orders them."""
+    import signal
+
+    from kdcore.labels import materialize as mat
+    from kdcore.models import registry
+
+    D = kd.day(1)
+    mat.materialize(kd.cfg, D)  # the labels both read (the same teacher and day)
+    config = _racer_config(tmp_path)
+    env = _env(kd.root)
+    uri = registry.checkpoint_uri(kd.cfg.root, "movielens", "racer", D)
+    started = f"racer {D}: training racer"
+
+    def train(action: str) -> _Trainer:
+        return _Trainer(["student", "train", "--config", str(config), "--name", "racer", "--date", D.isoformat(),
+                         "--action", action], env)
+
+    first = train("distill")
+    second = None
+    try:
+        first.wait_for(started)
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        try:
+            assert not part.is_published(uri), "the first trainer committed before it was stopped"
+            second = train("hard_labels_only")
+            second.wait_for(started)  # past its generation read, with nothing committed yet
+            assert not part.is_published(uri)
+        finally:
+            os.kill(first.proc.pid, signal.SIGCONT)
+        results = {"distill": first.finish(), "hard_labels_only": second.finish()}
+    finally:
+        for t in (first, second):
+            if t is not None:
+                t.stop()
+
+    codes = sorted(rc for rc, _, _ in results.values())
+    assert codes == [0, 2], {a: (rc, err[-2000:]) for a, (rc, _, err) in results.items()}
+    (won, (_, out, _)), = [(a, r) for a, r in results.items() if r[0] == 0]
+    (_, _, err), = [r for r in results.values() if r[0] == 2]
+    errors = [line for line in err.splitlines() if line.startswith("kd: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.fullmatch(r"kd: error: \S+/models/movielens/racer/date=" + D.isoformat() + r": another writer "
+                        r"published different content while this one ran \(manifest generation None -> \S+\); "
+                        r"re-run to build on it", errors[0]), errors[0]
+    winner = json.loads(out)
+    kept = registry.find_checkpoint(kd.cfg.root, "movielens", "racer", D)
+    assert kept.version == winner["version"] and kept.meta["gate_action"] == won
+    assert kept.meta["kd_applied"] is (won == "distill")
+    kept.load(kd.cfg.spec)  # every file of the winner's checkpoint is there and verified

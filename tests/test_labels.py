@@ -22,7 +22,15 @@ from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 from kdcore.training import steps
 from kdcore.training.data import load_days
-from tests.pipeline_fixtures import KD, copy_root, kd, kd_base, local, tree_digest  # noqa: F401  (fixtures)
+from tests.pipeline_fixtures import (  # noqa: F401  (fixtures)
+    KD,
+    copy_root,
+    kd,
+    kd_base,
+    local,
+    tree_digest,
+    yesterdays_labels_as_today,
+)
 
 DS = "movielens"
 
@@ -293,21 +301,95 @@ def test_join_rejects_id_type_mismatch(spec):
         join_labels(ids, _labels_table([1, 2], [0.1, 0.2], [1.0, 2.0]), spec, "mem")
 
 
-def test_student_with_missing_labels_policy_trains_on_labelled_rows(kd: KD):
-    """End to end: labels of D with a few rows removed; 'error' refuses, the
-    'hard_labels_only' policy trains on the labelled rows only."""
+@pytest.mark.parametrize("removed", [3, "all"])
+def test_student_with_missing_labels_policy_trains_on_the_whole_day_without_kd(kd: KD, removed, caplog):
+    """End to end: D's labels with some (or all) rows removed; 'error' refuses, and the
+    'hard_labels_only' policy does what it says: the whole day, hard labels only, no
+    distillation, recorded in the meta and the log (it used to drop the unlabelled rows,
+    and train on 0 rows, with NaN metrics, when every label was missing)."""
+    import logging
+
     cfg, D = kd.cfg, kd.day(1)
-    teacher = kd.boot["teacher"]["version"]
     full = mat.materialize(cfg, D)
     table, meta = read_labels(full["uri"], cfg.spec)
-    holed = labels_uri(cfg.root, DS, D, teacher + "x")  # a separate (fake) labels partition
-    part.publish_table(holed, table.slice(3), meta)
-    with pytest.raises(DataError, match="3 of"):
-        steps.student_step(cfg, "student_direct", D, holed)
+    keep = table.slice(table.num_rows) if removed == "all" else table.slice(removed)
+    part.publish_table(full["uri"], keep, part.read_manifest(full["uri"]).metadata)  # the day's folder, rows short
+    missing = table.num_rows - keep.num_rows
+    with pytest.raises(DataError, match=f"{missing} of {table.num_rows} examples have no teacher label"):
+        steps.student_step(cfg, "student_direct", D, full["uri"])
     lenient = _with_policies(kd, missing_labels="hard_labels_only")
-    out = steps.student_step(lenient, "student_direct", D, holed)
+    with caplog.at_level(logging.INFO, logger="kdcore"):
+        out = steps.student_step(lenient, "student_direct", D, full["uri"])
     meta = registry.find_checkpoint(cfg.root, DS, "student_direct", D).meta
     assert out["version"] == meta["version"]
-    assert meta["labels_missing"] == 3 and meta["kd_applied"] is True
-    assert meta["rows_day"] == table.num_rows - 3
+    assert meta["labels_missing"] == missing and meta["kd_applied"] is False
+    assert meta["kd_skipped_reason"] == (f"{missing} of {table.num_rows} examples have no teacher label "
+                                         f"(policies.missing_labels is 'hard_labels_only')")
+    assert meta["rows_day"] == table.num_rows  # every row of the day, none dropped
+    assert np.isfinite(meta["train"]["loss/total"])
+    assert not any(k.startswith("soft/") for k in meta["train"])
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"student_direct {D}: hard labels only: {meta['kd_skipped_reason']}" in m
+               and f"trains on all {table.num_rows} rows of the day without distillation" in m for m in warned)
+    # The very model the gate's hard_labels_only action trains: no soft term at all.
+    gate_said = steps.student_step(cfg, "student_direct", D, full["uri"], action="hard_labels_only", force=True)
+    assert gate_said["version"] == out["version"]
 
+
+def test_labels_of_another_day_are_refused_by_students_and_gate(kd: KD):
+    """Ids that restart daily join yesterday's labels without a missing row: the labels'
+    recorded date and examples digest refuse them, naming both days, before any use."""
+    from kdcore.pipeline import run_day
+
+    cfg, d2 = kd.cfg, kd.day(2)
+    _, copy = yesterdays_labels_as_today(kd)
+    table, _ = read_labels(copy, cfg.spec)
+    ids = load_days(cfg.root, cfg.spec, [d2]).example_ids
+    assert join_labels(ids, table, cfg.spec, "copy").missing == 0  # what the old join-only check saw
+    before = tree_digest(kd.root)
+    pattern = rf"labels at .*date={d2}/teacher=\S+ are for {kd.day(1)} \(examples \w{{12}}\) but are used for {d2}"
+    for name in ("student_aux", "student_direct"):
+        with pytest.raises(DataError, match=pattern):
+            steps.student_step(cfg, name, d2, copy)
+    # a student that streams the day (labels read alongside in row order, no id join) too
+    streams = cfg.model_copy(update={"students": [
+        x.model_copy(update={"model": x.model.model_copy(update={"shuffle_window_rows": 100})})
+        if x.name == "student_aux" else x for x in cfg.students]})
+    with pytest.raises(DataError, match=pattern):
+        steps.student_step(streams, "student_aux", d2, copy)
+    with pytest.raises(DataError, match=pattern):
+        run_day(cfg, d2, stages=["gate", "students"])
+    lenient = _with_policies(kd, missing_labels="hard_labels_only")  # the policy does not excuse it
+    with pytest.raises(DataError, match=pattern):
+        steps.student_step(lenient, "student_direct", d2, copy)
+    assert tree_digest(kd.root) == before  # nothing trained, gated or published
+    assert registry.list_checkpoints(cfg.root, DS, "student_aux") == [kd.B]
+
+
+def test_check_labels_for_names_what_differs(kd: KD):
+    from kdcore.labels.store import check_labels_for
+
+    cfg, D = kd.cfg, kd.day(1)
+    out = mat.materialize(cfg, D)
+    from kdcore.data.examples import examples_uri
+
+    digest = part.manifest_digest(part.read_manifest(examples_uri(cfg.root, DS, D)))
+    m = check_labels_for(out["uri"], DS, D, digest)
+    assert m == part.read_manifest(out["uri"])
+    with pytest.raises(DataError, match=rf"are for {D} \(examples {digest[:12]}\) but are used for {D} "
+                                        rf"\(examples {'0' * 12}\); re-materialize them: kd labels materialize "
+                                        rf"--date {D} --force"):
+        check_labels_for(out["uri"], DS, D, "0" * 64)  # examples re-published since the labels
+    with pytest.raises(DataError, match=rf"are for {D} .* but are used for {kd.day(2)}"):
+        check_labels_for(out["uri"], DS, kd.day(2), digest)
+    with pytest.raises(DataError, match=r"are of dataset 'movielens' but are used for dataset 'synth'"):
+        check_labels_for(out["uri"], "synth", D, digest)
+    # another teacher's folder: the labels name the teacher that scored them
+    other = labels_uri(cfg.root, DS, D, out["teacher_version"] + "x")
+    part.publish_table(other, read_labels(out["uri"], cfg.spec)[0], part.read_manifest(out["uri"]).metadata)
+    with pytest.raises(DataError, match=rf"scored by teacher {out['teacher_version']}, not by the "
+                                        rf"{out['teacher_version']}x their folder names"):
+        check_labels_for(other, DS, D, digest)
+    ckpt = registry.find_checkpoint(cfg.root, DS, "teacher", kd.B)
+    with pytest.raises(DataError, match=r"not teacher labels \(manifest kind 'checkpoint'"):
+        check_labels_for(ckpt.uri, DS, D, digest)

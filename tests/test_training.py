@@ -4,6 +4,7 @@ validation, idempotent day steps, determinism; students in every distillation mo
 # ruff: noqa: F811  (pytest fixtures imported from tests.pipeline_fixtures)
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -101,8 +102,48 @@ def test_teacher_step_refuses_misplaced_parent_trained_too_late(kd: KD):
     ckpt_b = local(_ckpt(kd, "teacher", B).uri)
     shutil.rmtree(ckpt_b)
     shutil.copytree(local(_ckpt(kd, "teacher", D).uri), ckpt_b)
-    with pytest.raises(LineageError, match="refusing parent"):
+    # refused where it is read: its meta says another date than its folder (issue 19 item 5;
+    # it used to be read, then refused by check_parent as "refusing parent")
+    with pytest.raises(LineageError, match=rf"teacher/date={B} holds a checkpoint of 'teacher' \(dataset movielens, "
+                                           rf"trained through {D}, .*refusing it as teacher's"):
         steps.teacher_step(cfg, D, force=True)
+
+
+def test_a_checkpoint_of_another_model_is_refused_as_parent(kd: KD):
+    """The control's checkpoint copied into student_direct's folder is not student_direct's
+    parent: its meta names another model than the folder it sits in."""
+    cfg, B, D = kd.cfg, kd.B, kd.day(1)
+    labels = _labels(kd, D)
+    folder = local(registry.checkpoint_uri(cfg.root, DS, "student_direct", B))
+    shutil.rmtree(folder)
+    shutil.copytree(local(_ckpt(kd, "control", B).uri), folder)
+    before = tree_digest(kd.root)
+    pattern = (rf"models/movielens/student_direct/date={B} holds a checkpoint of 'control' \(dataset movielens, "
+               rf"trained through {B}, version control-\d{{8}}-\w+\); refusing it as student_direct's")
+    with pytest.raises(LineageError, match=pattern):
+        steps.student_step(cfg, "student_direct", D, labels)
+    with pytest.raises(LineageError, match=pattern):
+        registry.find_checkpoint(cfg.root, DS, "student_direct", B)
+    with pytest.raises(LineageError, match=pattern):  # read by URI: the same check, from the folder's name
+        registry.read_checkpoint(registry.checkpoint_uri(cfg.root, DS, "student_direct", B))
+    assert tree_digest(kd.root) == before
+
+
+@pytest.mark.parametrize("field, value", [("dataset", "synth"), ("version", "student_direct-19700101-abc")])
+def test_a_checkpoint_whose_meta_disagrees_with_its_folder_is_refused(kd: KD, field, value):
+    B = kd.B
+    ckpt = _ckpt(kd, "student_direct", B)
+    blobs = {f.name: part.read_blob(ckpt.uri, f.name) for f in part.read_manifest(ckpt.uri).files}
+    blobs[registry.META] = json.dumps({**ckpt.meta, field: value}).encode()
+    part.publish_blobs(ckpt.uri, blobs, part.read_manifest(ckpt.uri).metadata)
+    with pytest.raises(LineageError, match=rf"student_direct/date={B} holds a checkpoint of 'student_direct' .*"
+                                           rf"refusing it as student_direct's \(dataset movielens"):
+        _ckpt(kd, "student_direct", B)
+
+
+def test_every_bootstrapped_checkpoint_sits_in_its_own_folder(kd: KD):
+    for name in ["teacher", *(s.name for s in kd.cfg.all_students())]:
+        assert _ckpt(kd, name, kd.B).meta["name"] == name  # the folder check passes for every model
 
 
 def test_teacher_gap_day_finds_last_checkpoint_as_parent(kd: KD):
@@ -183,6 +224,7 @@ def test_students_in_every_mode_record_kd_metadata(kd: KD):
         assert m["teacher_version"] == teacher_b
         assert m["label_staleness_days"] == 1
         assert sfs.join(sfs.normalize(cfg.root), m["labels_path"]) == sfs.normalize(labels)
+        assert m["labels_path"].endswith(f"/teacher={m['teacher_version']}")  # one teacher in the whole story
         assert m["labels_missing"] == 0 and m["label_teacher_stale"] is False
     assert metas["student_aux"]["aux_heads"] is True
     assert metas["student_direct"]["aux_heads"] is False
@@ -291,3 +333,74 @@ def test_copied_root_still_recognises_its_student_checkpoints(kd: KD, tmp_path, 
 
     again = steps.student_step(cfg, "student_aux", D, find_labels(cfg, D))
     assert again["reused"] is True and again["version"] == first["version"]
+
+
+# ---------------------------------------------------------------- nothing trained, nothing lost
+
+
+@pytest.mark.parametrize("name", ["teacher", "student_aux"])
+def test_a_step_with_no_training_rows_publishes_nothing(kd: KD, name):
+    """Zero rows (e.g. every row filtered away) is an error naming the model and the day,
+    not a checkpoint of the parent re-dated with NaN metrics."""
+    from kdcore.errors import DataError
+    from kdcore.training.data import DayData
+
+    cfg, D = kd.cfg, kd.day(1)
+    day = load_days(cfg.root, cfg.spec, [D])
+    empty = DayData(cfg.spec, day.table.slice(0, 0), day.days)
+    model_cfg = cfg.teacher.model if name == "teacher" else cfg.student(name).model
+    parent = _ckpt(kd, name, kd.B)
+    before = tree_digest(kd.root)
+    with pytest.raises(DataError, match=rf"^0 training rows for {name} on {D}: nothing trained or published$"):
+        steps._train_and_publish(cfg, name, "student", model_cfg, parent.meta["aux_tasks"], D, empty, parent, NO_KD,
+                                 None, {}, {}, steps._base(cfg, name, D))
+    assert tree_digest(kd.root) == before
+
+
+def test_a_checkpoint_committed_while_a_step_trains_is_not_replaced(kd: KD, monkeypatch):
+    """A step builds on the checkpoint folder as it was when the step started: a rival
+    that commits another checkpoint of the same model and day while it trains wins, and
+    the step gets a ConflictError instead of replacing it."""
+    from kdcore.errors import ConflictError
+
+    cfg, D = kd.cfg, kd.day(1)
+    labels = _labels(kd, D)
+    real_fit, rival = steps.fit_day, {}
+
+    def rival_commits_during_training(*args, **kwargs):
+        out = real_fit(*args, **kwargs)
+        monkeypatch.setattr(steps, "fit_day", real_fit)
+        rival.update(steps.student_step(cfg, "student_direct", D, labels, action="hard_labels_only"))
+        return out
+
+    monkeypatch.setattr(steps, "fit_day", rival_commits_during_training)
+    with pytest.raises(ConflictError, match=r"student_direct/date=\S+: another writer published different content "
+                                            r"while this one ran"):
+        steps.student_step(cfg, "student_direct", D, labels)
+    kept = _ckpt(kd, "student_direct", D)
+    assert kept.version == rival["version"] and kept.meta["gate_action"] == "hard_labels_only"
+    assert _weights(kept)  # the winner's files are all there and verified
+    # Started after the rival's commit, the same step builds on it and replaces it.
+    again = steps.student_step(cfg, "student_direct", D, labels)
+    assert again["version"] != rival["version"] and _ckpt(kd, "student_direct", D).meta["kd_applied"] is True
+
+
+def test_a_checkpoint_publish_from_a_stale_generation_conflicts_unless_identical(kd: KD):
+    from kdcore.errors import ConflictError
+
+    cfg, D = kd.cfg, kd.day(1)
+    uri = registry.checkpoint_uri(cfg.root, DS, "teacher", D)
+    assert part.manifest_generation(uri) is None  # what a step starting now reads
+    first = steps.teacher_step(cfg, D)
+    manifest = part.read_manifest(uri)
+    blobs = {f.name: part.read_blob(uri, f.name) for f in manifest.files}
+    model = _ckpt(kd, "teacher", kd.B).load(cfg.spec)
+    with pytest.raises(ConflictError):
+        registry.publish_checkpoint(cfg.root, DS, "teacher", D, model, {"dataset": DS}, expected=None)
+    # the committed checkpoint is intact (the loser's uploads are orphans for `kd vacuum`)
+    assert part.read_manifest(uri) == manifest and _ckpt(kd, "teacher", D).version == first["version"]
+    assert {f.name: part.read_blob(uri, f.name) for f in manifest.files} == blobs
+    # the same content again is a no-op, whatever generation the writer started from
+    committed = tree_digest(local(uri))
+    part.publish_blobs(uri, blobs, manifest.metadata, expected=None)
+    assert tree_digest(local(uri)) == committed

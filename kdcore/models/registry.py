@@ -103,22 +103,61 @@ class Checkpoint:
         return opt
 
 
+def folder_of(uri: str) -> tuple[str, str, dt.date] | None:
+    """(dataset, name, date) of a checkpoint folder ``.../models/<dataset>/<name>/date=D``
+    (None for a URI not laid out so)."""
+    segments = sfs.normalize(uri).rstrip("/").split("/")
+    if len(segments) < 4 or segments[-4] != "models" or not segments[-1].startswith("date="):
+        return None
+    try:
+        return segments[-3], segments[-2], dt.date.fromisoformat(segments[-1][len("date="):])
+    except ValueError:
+        return None
+
+
+def check_folder(ckpt: Checkpoint, dataset: str, name: str, day: dt.date) -> None:
+    """A checkpoint is only what its meta records: the folder it sits in must be its own.
+
+    The folder is what lineage, warm starts and labels look up by (model, date); a
+    checkpoint copied or moved into another model's (or day's) folder would otherwise
+    become that model's parent or teacher without a word. Metas written before they
+    recorded the dataset are judged on name, date and version."""
+    m = ckpt.meta
+    own = (m.get("name") == name and m.get("dataset", dataset) == dataset
+           and m.get("trained_through") == day.isoformat()
+           and str(m.get("version", "")).startswith(f"{name}-{day:%Y%m%d}-"))
+    if not own:
+        raise LineageError(f"{ckpt.uri} holds a checkpoint of '{m.get('name')}' (dataset {m.get('dataset', '?')}, "
+                           f"trained through {m.get('trained_through')}, version {m.get('version')}); refusing it "
+                           f"as {name}'s (dataset {dataset}, trained through {day}): a checkpoint is only valid in "
+                           f"the folder of the model and date it was published for")
+
+
 def read_checkpoint(uri: str) -> Checkpoint:
+    """The checkpoint at ``uri``; when the URI is a model folder, the meta must be that
+    model's, dataset's and date's (:func:`check_folder`), else LineageError."""
     try:
         meta = json.loads(part.read_blob(uri, META))
     except ValueError as e:
         raise StorageError(f"{sfs.join(uri, META)}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "version" not in meta or "trained_through" not in meta:
         raise StorageError(f"{sfs.join(uri, META)}: not a checkpoint meta (no version / trained_through)")
-    return Checkpoint(uri=sfs.normalize(uri), meta=meta)
+    ckpt = Checkpoint(uri=sfs.normalize(uri), meta=meta)
+    if (where := folder_of(ckpt.uri)) is not None:
+        check_folder(ckpt, *where)
+    return ckpt
 
 
 def find_checkpoint(root: str, dataset: str, name: str, day: dt.date | str) -> Checkpoint:
+    """The checkpoint of ``name`` trained through ``day``: StorageError when there is none,
+    LineageError when its folder holds another model's (or day's) checkpoint."""
     uri = checkpoint_uri(root, dataset, name, day)
     try:
-        return read_checkpoint(uri)
+        ckpt = read_checkpoint(uri)
     except StorageError:
         raise StorageError(f"no checkpoint of '{name}' trained through {parse_date(day)} at {uri}") from None
+    check_folder(ckpt, dataset, name, parse_date(day))
+    return ckpt
 
 
 def find_version(root: str, dataset: str, name: str, version: str) -> Checkpoint:
@@ -160,10 +199,17 @@ def make_version(name: str, day: dt.date, weights: bytes) -> str:
 
 def publish_checkpoint(root: str, dataset: str, name: str, day: dt.date, model: MultiTaskRanker,
                        meta: dict[str, Any], extra_blobs: dict[str, bytes] | None = None,
-                       optimizer: torch.optim.Optimizer | None = None) -> Checkpoint:
+                       optimizer: torch.optim.Optimizer | None = None,
+                       expected: str | None | bool = True) -> Checkpoint:
     """Publish weights (and, when the model has auxiliary heads, the serving export
     without them), the optimizer state when given, plus metadata; the version is derived
-    from the weights' bytes."""
+    from the weights' bytes.
+
+    ``expected`` is the generation of the checkpoint's manifest that the step read when
+    it started (:func:`part.manifest_generation` of :func:`checkpoint_uri`; None: there
+    was none): a checkpoint of other content committed for the same model and day while
+    this one trained wins, and this publish is a ConflictError instead of replacing it.
+    ``True`` reads it now (nothing to protect)."""
     weights = model_to_bytes(model)
     meta = dict(meta, name=name, version=make_version(name, day, weights), trained_through=day.isoformat(),
                 model=model.config.model_dump(mode="json"), aux_heads=bool(len(model.aux_heads)),
@@ -180,7 +226,7 @@ def publish_checkpoint(root: str, dataset: str, name: str, day: dt.date, model: 
         blobs[SERVING] = model_to_bytes(export_serving(model))
     blobs[META] = (json.dumps(meta, sort_keys=True, indent=1, default=str) + "\n").encode()
     uri = checkpoint_uri(root, dataset, name, day)
-    part.publish_blobs(uri, blobs, {"kind": "checkpoint", "version": meta["version"]})
+    part.publish_blobs(uri, blobs, {"kind": "checkpoint", "version": meta["version"]}, expected=expected)
     return Checkpoint(uri=uri, meta=meta)
 
 

@@ -25,6 +25,7 @@ from kdcore.data import examples
 from kdcore.data.spec import DatasetSpec
 from kdcore.errors import StorageError
 from kdcore.labels.encoding import decode_labels
+from kdcore.labels.store import check_labels_for
 from kdcore.models import registry
 from kdcore.quality.gate import CheckResult, evaluate_gate
 from kdcore.quality.labels_check import TeacherLineage, check_labels
@@ -51,7 +52,10 @@ def quality_uri(cfg: PipelineConfig, day: dt.date) -> str:
 
 def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, Any]:
     spec = cfg.spec
-    labels_manifest = part.read_manifest(labels_uri)
+    # labels of another day (ids may restart daily) or of examples since re-published are
+    # refused before any check measures them: coverage by id would not notice
+    examples_digest = part.manifest_digest(part.read_manifest(examples.examples_uri(cfg.root, spec.name, day)))
+    labels_manifest = check_labels_for(labels_uri, spec.name, day, examples_digest)
     meta = labels_manifest.metadata
     # labels committed before paths were relative to the root name the teacher by URI
     teacher = registry.read_checkpoint(sfs.join(cfg.root, meta["teacher_path"]) if "teacher_path" in meta

@@ -137,12 +137,13 @@ class PipelineTrainer:
         through = self.history[-1]
         for s in cfg.all_students():
             fp = {"model": s.model.model_dump(mode="json"), "bootstrap": [window[0].isoformat(), window[-1].isoformat()]}
+            base = steps._base(cfg, s.name, through)  # before the check: a publish builds on what it saw
             if steps._existing(cfg, s.name, through, None, fp):
                 continue
             extra = {"bootstrap": {"from": window[0].isoformat(), "to": window[-1].isoformat(), "days": len(window)}}
             steps._train_and_publish(cfg, s.name, "control" if s.name in cfg.controls() else "student", s.model,
                                      steps.aux_tasks(cfg, s.distill), through, data, None, NO_KD, None, extra, fp,
-                                     epochs=1, progressive=False)
+                                     base, epochs=1, progressive=False)
         return round(self._clock() - t0, 4)
 
     def control_day(self, day: dt.date) -> tuple[float, dict[str, float]]:
@@ -172,11 +173,12 @@ class PipelineTrainer:
         set_determinism(cfg.torch_threads)
         fp = {"model": cfg.teacher.model.model_dump(mode="json"),
               "bootstrap": [window[0].isoformat(), window[-1].isoformat()]}
+        base_gen = steps._base(cfg, TEACHER, through)
         if not steps._existing(cfg, TEACHER, through, None, fp):
             data = load_days(self.cfg.examples_uri, self.spec, window)
             extra = {"bootstrap": {"from": window[0].isoformat(), "to": window[-1].isoformat(), "days": len(window)}}
             steps._train_and_publish(cfg, TEACHER, "teacher", cfg.teacher.model, [], through, data, None, NO_KD, None,
-                                     extra, fp, epochs=c.bootstrap_epochs, progressive=False)
+                                     extra, fp, base_gen, epochs=c.bootstrap_epochs, progressive=False)
         return round(self._clock() - t0, 4)
 
     def day(self, cid: str, day: dt.date) -> tuple[float, dict[str, Any]]:

@@ -261,14 +261,20 @@ def publish_table(uri: str, table: pa.Table, metadata: Mapping[str, Any] | None 
 
 
 def publish_blobs(uri: str, blobs: Mapping[str, bytes], metadata: Mapping[str, Any] | None = None,
-                  keep_names: bool = False) -> Manifest:
+                  keep_names: bool = False, expected: str | None | bool = True) -> Manifest:
     """Publish named byte objects (checkpoints, JSON, HTML) with the same guarantees.
 
     Each file is stored under a content-addressed name; with ``keep_names`` the names are
     kept and the whole set goes into a content-addressed folder instead, so relative links
-    between the files (an HTML site) keep working."""
+    between the files (an HTML site) keep working.
+
+    ``expected`` is the manifest generation the caller built on, read (with
+    :func:`manifest_generation`) before it computed the blobs: a writer whose blobs
+    depend on a long computation passes the generation read when it started, so a
+    different commit made meanwhile is a ConflictError, not silently replaced. ``True``
+    reads it here, for callers with nothing to protect."""
     uri = sfs.normalize(uri)
-    base = manifest_generation(uri)
+    base = manifest_generation(uri) if expected is True else expected
     entries = []
     digests = {name: hashlib.sha256(blobs[name]).hexdigest() for name in sorted(blobs)}
     folder = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]

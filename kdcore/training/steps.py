@@ -22,8 +22,9 @@ from kdcore.config import PipelineConfig, StudentConfig
 from kdcore.data.validate import ensure_valid
 from kdcore.distill.adapter import fit_adapters
 from kdcore.distill.config import DistillConfig
-from kdcore.errors import SpecError, StorageError
+from kdcore.errors import DataError, SpecError, StorageError
 from kdcore.labels.join import load_aligned, load_joined
+from kdcore.labels.store import check_labels_for
 from kdcore.models import registry
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
 from kdcore.storage import partition as part
@@ -36,6 +37,13 @@ log = logging.getLogger(__name__)
 
 def _seed(cfg: RankerConfig, day: dt.date) -> int:
     return cfg.seed * 1_000_003 + day.toordinal()
+
+
+def _base(cfg: PipelineConfig, name: str, day: dt.date) -> str | None:
+    """The generation of the checkpoint folder of (name, day) when a step starts: the step
+    publishes only if it is still the same then, so a checkpoint another trainer committed
+    meanwhile is never replaced (the later one gets a ConflictError)."""
+    return part.manifest_generation(registry.checkpoint_uri(cfg.root, cfg.spec.name, name, day))
 
 
 def _existing(cfg: PipelineConfig, name: str, day: dt.date, parent: registry.Checkpoint | None,
@@ -77,11 +85,15 @@ def _warm_or_cold(cfg: PipelineConfig, parent: registry.Checkpoint | None, model
 def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: RankerConfig, aux: list[str],
                        day: dt.date, data: DayData | DayStream, parent: registry.Checkpoint | None,
                        distill: DistillConfig, soft: dict[str, np.ndarray] | None,
-                       extra: dict[str, Any], fingerprint: dict[str, Any], epochs: int | None = None,
-                       progressive: bool = True) -> dict[str, Any]:
+                       extra: dict[str, Any], fingerprint: dict[str, Any], base: str | None,
+                       epochs: int | None = None, progressive: bool = True) -> dict[str, Any]:
     """Warm/cold start, progressive evaluation, training, publish. The teacher's
     checkpoint also carries the reference profile of its recent training window, which
-    the quality gate compares with the students' day."""
+    the quality gate compares with the students' day. ``base`` is :func:`_base`, read when
+    the step started. A day without rows trains and publishes nothing: its checkpoint
+    would carry NaN metrics and a copy of its parent under a new date."""
+    if len(data) == 0:
+        raise DataError(f"0 training rows for {name} on {day}: nothing trained or published")
     start = time.perf_counter()
     model, opt, steps_before = _warm_or_cold(cfg, parent, model_cfg, aux, data, day)
     tag = f"{name} {day}"
@@ -109,7 +121,8 @@ def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: Ran
 
         window = max(cfg.gate.profile_window_days, len(data.days))
         blobs = {PROFILE: window_profile(cfg.root, cfg.spec, day, window)}
-    ckpt = registry.publish_checkpoint(cfg.root, cfg.spec.name, name, day, model, meta, blobs, optimizer=opt)
+    ckpt = registry.publish_checkpoint(cfg.root, cfg.spec.name, name, day, model, meta, blobs, optimizer=opt,
+                                       expected=base)
     log.info("%s: published %s (parent %s): %d steps today, lifetime steps %d, rows seen %d, %.2f s",
              tag, ckpt.version, meta["parent"] or "none, cold start", train["steps_total"] - steps_before,
              train["steps_total"], rows_seen, time.perf_counter() - start)
@@ -144,8 +157,9 @@ def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict
     """Refresh the teacher: progressive evaluation of the teacher through D-1 on D, then
     train it on D. A failure raises, so the last good teacher stays in use."""
     set_determinism(cfg.torch_threads)
-    checked = ensure_valid(cfg.root, cfg.spec, day)  # before anything trains on the day
     t = cfg.teacher
+    base = _base(cfg, t.name, day)
+    checked = ensure_valid(cfg.root, cfg.spec, day)  # before anything trains on the day
     parent = registry.parent_for(cfg.root, cfg.spec.name, t.name, day)
     registry.check_parent(parent, day)
     # keyed on its inputs: re-published examples retrain the day (and, by lineage, the days after)
@@ -154,31 +168,40 @@ def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict
         _log_reused(t.name, day, ckpt)
         return _summary(ckpt)
     data = open_day(cfg.root, cfg.spec, day, t.model.shuffle_window_rows)
-    return _train_and_publish(cfg, t.name, "teacher", t.model, [], day, data, parent, NO_KD, None, {}, fp)
+    return _train_and_publish(cfg, t.name, "teacher", t.model, [], day, data, parent, NO_KD, None, {}, fp, base)
 
 
 def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str | None = None,
                  action: GateAction = "distill", force: bool = False) -> dict[str, Any]:
     """Train one student (or control) on D, distilling from the labels at ``labels_uri``
-    unless the gate says otherwise. ``skip_students`` publishes nothing for D."""
+    unless the gate says otherwise. ``skip_students`` publishes nothing for D.
+
+    The labels must be D's, from the examples published now (:func:`check_labels_for`).
+    When some examples have no label and ``policies.missing_labels`` is
+    ``hard_labels_only``, the student trains on the whole day's hard labels without
+    distillation (recorded as ``kd_applied: false`` with the count and the reason): a
+    partial join would silently train on fewer rows, or on none."""
     set_determinism(cfg.torch_threads)
     s: StudentConfig = cfg.student(name)
     role = "control" if name in cfg.controls() else "student"
     if action == "skip_students":
         log.info("%s %s: skipped: gate said skip_students (nothing trained or published)", name, day)
         return {"name": name, "skipped": True, "reason": "gate: skip_students", "trained_through": None}
+    base = _base(cfg, name, day)
     checked = ensure_valid(cfg.root, cfg.spec, day)
     parent = registry.parent_for(cfg.root, cfg.spec.name, name, day)
     registry.check_parent(parent, day)
     use_kd = s.distill.uses_teacher and action == "distill"
-    if s.distill.uses_teacher and action == "distill" and not labels_uri:
+    if use_kd and not labels_uri:
         raise StorageError(f"student '{name}' distills but no teacher labels were given for {day}")
+    labels_manifest = (check_labels_for(labels_uri, cfg.spec.name, day, checked["examples_sha256"])
+                       if use_kd and labels_uri else None)
     fp = {"model": s.model.model_dump(mode="json"), "distill": s.distill.model_dump(mode="json"),
           # relative to the root, so a copied or moved root still recognises its checkpoints
           "labels": _relative(cfg, labels_uri) if use_kd else None, "action": action,
           # keyed on the content of its inputs: changed examples or labels retrain the day
           "examples": checked["examples_sha256"],
-          "labels_sha256": part.manifest_digest(part.read_manifest(labels_uri)) if use_kd and labels_uri else None}
+          "labels_sha256": part.manifest_digest(labels_manifest) if labels_manifest else None}
     if not use_kd:
         log.info("%s %s: %s", name, day, _kd_mode(cfg, s, role, action))
     if not force and (ckpt := _existing(cfg, name, day, parent, fp)):
@@ -195,22 +218,25 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
             joined = load_aligned(labels_uri, data.uri, cfg.spec, data.manifest)
         else:
             joined = load_joined(labels_uri, data.example_ids, cfg.spec, day, cfg.policies.missing_labels)
-        if joined.missing:
-            assert isinstance(data, DayData)  # policy allowed it: keep the labelled rows only
-            data = DayData(cfg.spec, data.table.filter(joined.present), data.days)
-            joined.soft = {k: v[joined.present] for k, v in joined.soft.items()}
-        soft = fit_adapters(joined.soft, data.hard, list(cfg.spec.tasks), s.distill.adapter, seed=s.model.seed)
         extra.update(teacher_version=joined.metadata.get("teacher_version"),
                      label_staleness_days=joined.metadata.get("staleness_days"),
                      label_teacher_stale=joined.metadata.get("teacher_stale"),
                      labels_path=_relative(cfg, labels_uri), labels_missing=joined.missing)
-        staleness, stale = joined.metadata.get("staleness_days"), joined.metadata.get("teacher_stale")
-        log.info("%s %s: %s from teacher %s labels (staleness %s day%s%s); labels joined %d rows, missing %d%s",
-                 name, day, _kd_mode(cfg, s, role, action), joined.metadata.get("teacher_version"), staleness,
-                 "" if staleness == 1 else "s", ", STALE FALLBACK teacher" if stale else "", len(data),
-                 joined.missing, " (dropped: trains on the labelled rows only)" if joined.missing else "")
+        if joined.missing:  # the policy allowed it (else load_joined raised): no KD today, every row
+            reason = (f"{joined.missing} of {len(data)} examples have no teacher label "
+                      f"(policies.missing_labels is 'hard_labels_only')")
+            extra.update(kd_applied=False, kd_skipped_reason=reason)
+            distill = NO_KD
+            log.warning("%s %s: hard labels only: %s in %s; trains on all %d rows of the day without distillation",
+                        name, day, reason, _relative(cfg, labels_uri), len(data))
+        else:
+            soft = fit_adapters(joined.soft, data.hard, list(cfg.spec.tasks), s.distill.adapter, seed=s.model.seed)
+            staleness, stale = joined.metadata.get("staleness_days"), joined.metadata.get("teacher_stale")
+            log.info("%s %s: %s from teacher %s labels (staleness %s day%s%s); labels joined %d rows, missing 0",
+                     name, day, _kd_mode(cfg, s, role, action), joined.metadata.get("teacher_version"), staleness,
+                     "" if staleness == 1 else "s", ", STALE FALLBACK teacher" if stale else "", len(data))
     return _train_and_publish(cfg, name, role, s.model, aux_tasks(cfg, s.distill), day, data, parent, distill,
-                              soft, extra, fp)
+                              soft, extra, fp, base)
 
 
 def _kd_mode(cfg: PipelineConfig, s: StudentConfig, role: str, action: GateAction) -> str:
@@ -241,6 +267,8 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
     from kdcore.data.examples import list_days
 
     set_determinism(cfg.torch_threads)
+    # what every model's folder for ``through`` holds now: its publish must find it unchanged
+    bases = {m: _base(cfg, m, through) for m in [cfg.teacher.name, *(s.name for s in cfg.all_students())]}
     n = cfg.bootstrap.days if days is None else days
     if n < 1:
         raise SpecError(f"bootstrap window: days must be at least 1, got {n}")
@@ -261,7 +289,7 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
         out[t.name] = _summary(teacher)
     else:
         out[t.name] = _train_and_publish(cfg, t.name, "teacher", t.model, [], through, data, None, NO_KD, None,
-                                         extra, fp_t, epochs=cfg.bootstrap.epochs, progressive=False)
+                                         extra, fp_t, bases[t.name], epochs=cfg.bootstrap.epochs, progressive=False)
         teacher = registry.find_checkpoint(cfg.root, cfg.spec.name, t.name, through)
     soft: dict[str, np.ndarray] | None = None
     for s in cfg.all_students():
@@ -284,5 +312,5 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
                     teacher_version=teacher.version if s.distill.uses_teacher else None)
         out[s.name] = _train_and_publish(cfg, s.name, role, s.model, aux_tasks(cfg, s.distill), through, data,
                                          None, s.distill if s.distill.uses_teacher else NO_KD, targets, info, fp,
-                                         epochs=cfg.bootstrap.epochs, progressive=False)
+                                         bases[s.name], epochs=cfg.bootstrap.epochs, progressive=False)
     return out
