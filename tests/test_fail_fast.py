@@ -244,6 +244,9 @@ def test_full_run_has_no_not_trained_days(kd: KD):
     ("manual", {}, dt.datetime(1998, 2, 20, tzinfo=dt.UTC), None),  # a manual run's interval is not its partition
     ("manual", {"date": "1998-02-30"}, None, None),  # resolve fails it; no misleading note
     ("scheduled", {}, None, None),
+    # names outside the params' pattern (a conf that skipped their validation): no markup in the run list
+    ("manual", {"date": "1998-02-22", "students": ["<img src=x onerror=alert(1)>"]}, None, None),
+    ("manual", {"date": "1998-02-22", "stages": "students"}, None, None),
 ])
 def test_run_note_names_the_partition_resolve_uses(run_type, conf, start, note):
     assert partition_note(run_type, conf, start) == note

@@ -39,23 +39,28 @@ def browser():
         b.close()
 
 
+def login(page, s) -> None:
+    """Log in as admin through the Airflow UI's form (SimpleAuthManager): the session cookie
+    the UI's iframes send."""
+    password = json.loads((s.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+    page.goto(f"{s.base}/")
+    page.locator("input[name='username'], input[type='text']").first.fill("admin")
+    page.locator("input[type='password']").first.fill(password)
+    page.locator("input[type='password']").first.press("Enter")
+    page.wait_for_function("() => document.cookie !== undefined && !location.pathname.includes('login')")
+    page.wait_for_url(lambda url: "login" not in url)
+    assert any(c["name"] == "_token" for c in page.context.cookies()), page.context.cookies()
+
+
 def test_kd_tab_and_dashboard_in_the_ui(kd_ui_server, browser, tmp_path):  # noqa: F811
     s = kd_ui_server
     from kdcore.storage import partition as part
 
-    password = json.loads((s.home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
     ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = ctx.new_page()
     page.set_default_timeout(60_000)
     try:
-        # -- log in through the UI's form (SimpleAuthManager)
-        page.goto(f"{s.base}/")
-        page.locator("input[name='username'], input[type='text']").first.fill("admin")
-        page.locator("input[type='password']").first.fill(password)
-        page.locator("input[type='password']").first.press("Enter")
-        page.wait_for_function("() => document.cookie !== undefined && !location.pathname.includes('login')")
-        page.wait_for_url(lambda url: "login" not in url)
-        assert any(c["name"] == "_token" for c in ctx.cookies()), ctx.cookies()
+        login(page, s)
 
         # -- the KD tab of the run: the UI embeds the plugin page in an iframe
         page.goto(f"{s.base}/dags/{DAG_ID}/runs/{s.run_id}/plugin/kd_run")
@@ -107,6 +112,11 @@ def test_kd_tab_and_dashboard_in_the_ui(kd_ui_server, browser, tmp_path):  # noq
             page.locator("a[href$='data_docs/index.html']").click()
         assert "Great Expectations" in page.title() or "Data documentation" in page.title(), page.title()
         page.screenshot(path=str(SHOTS / "data_docs.png"), full_page=False)
+        with page.expect_navigation():  # the index's rows, written out for a page without script
+            page.locator("a[href*='validations/']").first.click()
+        page.locator("table").first.wait_for()
+        page.locator("a", has_text="Table-Level Expectations").first.click()  # past the table of contents
+        page.screenshot(path=str(SHOTS / "data_docs_validation.png"), full_page=False)
 
         # -- logged out (a fresh context): the plugin page is refused
         anon = browser.new_context().new_page()

@@ -82,6 +82,15 @@ def _health(api: Api) -> bool:
     return http("GET", f"{api.base}/api/v2/monitor/health").get("metadatabase", {}).get("status") == "healthy"
 
 
+def api_server(env: dict[str, str], logdir: Path) -> tuple[Component, Api]:
+    """Start an API server with ``env`` (airflow_env: this repo's plugins folder, a storage
+    root and a config). A second one on the same AIRFLOW_HOME, with its own port, root and
+    config, serves another storage root to the same users and DAG runs."""
+    port = int(env["AIRFLOW__API__PORT"])
+    comp = Component(f"api-server-{port}", ["api-server", "--host", "127.0.0.1", "--port", str(port)], env, logdir)
+    return comp, Api(port, Path(env["AIRFLOW_HOME"]))
+
+
 # Each module importing the fixture gets its own session-scoped FixtureDef: this cache makes
 # them share one server (stopped at the end of the session by the first one's teardown).
 _SERVER: list[Server] = []
@@ -104,14 +113,13 @@ def kd_ui_server(kd_base, tmp_path_factory) -> Server:  # noqa: F811
         cfg = load_pipeline(TINY)
         pipeline.run(cfg, days[0], days[-1], progress=False)
         report = build_report(cfg)
-    home, port = tmp / "airflow", free_port()
-    env = airflow_env(home, store, api_port=port)
+    home = tmp / "airflow"
+    env = airflow_env(home, store, api_port=free_port())
     init_airflow(env)
     logdir = tmp / "logs"
     logdir.mkdir()
-    comps = [Component("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(port)], env, logdir),
-             Component("dag-processor", ["dag-processor"], env, logdir)]
-    api = Api(port, home)
+    server, api = api_server(env, logdir)
+    comps = [server, Component("dag-processor", ["dag-processor"], env, logdir)]
     with running(comps):
         wait_until("API server health", lambda: _health(api), 120, components=comps)
         api.login()
@@ -275,3 +283,98 @@ def test_artifacts_served_from_manifests_only(kd_ui_server):
                 f"{PREFIX}/artifacts/quality/not-a-date/decision.json"]:
         code, _, body = s.get(bad)
         assert code == 404, (bad, code, body[:200])
+
+
+def csp(headers: dict[str, str]) -> dict[str, list[str]]:
+    """The Content-Security-Policy header as {directive: [values]} (one header expected)."""
+    value = {k.lower(): v for k, v in headers.items()}.get("content-security-policy")
+    assert value, f"no Content-Security-Policy in {headers}"
+    return {d.split()[0]: d.split()[1:] for d in (x.strip() for x in value.split(";")) if d}
+
+
+def assert_page_policy(headers: dict[str, str]) -> None:
+    """The view's own pages: no script from anywhere, framed by the Airflow UI (same origin) only."""
+    p = csp(headers)
+    assert p["default-src"] == ["'none'"] and "script-src" not in p and "script-src-elem" not in p, p
+    assert p["frame-ancestors"] == ["'self'"] and p["base-uri"] == ["'none'"] and p["form-action"] == ["'none'"], p
+    assert all(v in ("'self'", "'unsafe-inline'", "'none'") for vs in p.values() for v in vs), p  # no other origin
+
+
+def assert_artifact_policy(headers: dict[str, str]) -> None:
+    """Stored files: a sandbox without allow-scripts / allow-same-origin, loading nothing."""
+    p = csp(headers)
+    assert p["sandbox"] == [], p  # no allow-* token at all
+    assert p["default-src"] == ["'none'"] and "script-src" not in p, p
+    loads = {k: vs for k, vs in p.items() if k != "frame-ancestors"}  # who may frame it is not a load
+    assert not any("'self'" in vs or any(v.startswith("http") for v in vs) for vs in loads.values()), p
+    assert p["frame-ancestors"] == ["'self'"], p
+
+
+def test_security_headers_on_every_response(kd_ui_server):
+    """Every response of the view (pages, JSON, artifacts, 401 and 404) is nosniff and carries a
+    CSP: the pages the view's own, every stored file the sandbox; JSON stays JSON."""
+    s = kd_ui_server
+    day = s.days[-1].isoformat()
+    docs = s.json(f"{PREFIX}/api/day/{day}")["gate"]["data_docs"]
+    assert len(docs) >= 3, docs  # index, expectation suite, validation
+    pages = [f"{PREFIX}/", f"{PREFIX}/run/{DAG_ID}/{s.run_id}", f"{PREFIX}/day/{day}"]
+    jsons = [f"{PREFIX}/api/dashboard", f"{PREFIX}/api/run/{DAG_ID}/{s.run_id}", f"{PREFIX}/api/day/{day}",
+             f"{PREFIX}/api/lineage"]
+    artifacts = [f"{PREFIX}/artifacts/report/metrics_like.png", f"{PREFIX}/artifacts/report/report.md",
+                 f"{PREFIX}/artifacts/report/kd_gain.csv", f"{PREFIX}/artifacts/quality/{day}/decision.json",
+                 *[f"{PREFIX}/artifacts/quality/{day}/{p}" for p in docs]]
+    errors = [(f"{PREFIX}/day/1900-01-01", "default", 404), (f"{PREFIX}/artifacts/report/nope", "default", 404),
+              (f"{PREFIX}/", None, 401), (f"{PREFIX}/artifacts/quality/{day}/data_docs/index.html", None, 401)]
+    for path in pages + jsons + artifacts:
+        code, headers, _ = s.get(path)
+        assert code == 200, (path, code)
+        assert headers.get("x-content-type-options") == "nosniff", (path, headers)
+        kind = headers["content-type"]
+        if path in pages:
+            assert kind.startswith("text/html"), (path, kind)
+            assert_page_policy(headers)
+        elif path in jsons:
+            assert kind == "application/json", (path, kind)
+            assert_page_policy(headers)
+        else:
+            assert_artifact_policy(headers)
+    for path, token, status in errors:
+        code, headers, _ = s.get(path, token=token)
+        assert code == status and headers["content-type"] == "application/json", (path, code, headers)
+        assert headers.get("x-content-type-options") == "nosniff" and csp(headers), (path, headers)
+
+
+def test_data_docs_are_served_without_script_or_other_origins(kd_ui_server):
+    """GX writes script, CDN style sheets and scripts, event handlers and an S3 logo into its
+    pages (the stored bytes keep them); what is served has none, and stays readable: the
+    validation tables are all there, and the index's script-filled tables are plain rows."""
+    import re
+
+    from kdcore.quality.daily import quality_uri
+    from kdcore.storage import partition as part
+
+    s = kd_ui_server
+    day = s.days[-1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KD_STORAGE_ROOT", str(s.store))
+        from kdcore.config import load_pipeline
+
+        uri = quality_uri(load_pipeline(TINY), day)
+    docs = s.json(f"{PREFIX}/api/day/{day.isoformat()}")["gate"]["data_docs"]
+    validation = next(p for p in docs if "/validations/" in p)
+    for name in docs:
+        stored = part.read_blob(uri, name).decode()
+        code, headers, body = s.get(f"{PREFIX}/artifacts/quality/{day.isoformat()}/{name}")
+        served = body.decode()
+        assert code == 200 and headers["content-type"].startswith("text/html")
+        assert "<script" in stored and "https://" in stored, name  # what GX wrote
+        assert "<script" not in served.lower(), name
+        assert not re.search(r"""\s(?:src|href|action|data)\s*=\s*["']?\s*(?:[a-z][a-z0-9+.-]*:|//|/)""", served,
+                             re.I), name
+        assert not re.search(r"<[a-z][^>]*\son[a-z]+\s*=", served, re.I), name
+        assert served.count("<table") == stored.count("<table"), name
+        assert served.count("<td") >= stored.count("<td"), name
+    code, _, body = s.get(f"{PREFIX}/artifacts/quality/{day.isoformat()}/data_docs/index.html")
+    index = body.decode()
+    assert f'<a href="{validation.removeprefix("data_docs/")}">' in index, index[-3000:]
+    assert f"<td>movielens-{day.isoformat()}</td>" in index  # the run name, from the script's data

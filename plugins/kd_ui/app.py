@@ -18,6 +18,11 @@ Routes (all GET):
   /api/lineage               JSON: which teacher labelled which date, who consumed it
   /artifacts/report/{name}   a file of the published report (plots, CSV, report.md)
   /artifacts/quality/{date}/{name:path}  a file of a date's gate record (Data Docs, JSON)
+
+Script: every response carries ``X-Content-Type-Options: nosniff`` and a
+Content-Security-Policy (kd_ui.safe_html): the view's pages PAGE_CSP (no script, framed by
+the Airflow UI only), stored artifacts ARTIFACT_CSP (``sandbox``, nothing loaded), and
+stored HTML is served through ``safe_html.inert_html`` (no script, no other origin).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from kd_ui import data, pages
+from kd_ui.safe_html import ARTIFACT_CSP, HTML_TYPES, NOSNIFF, PAGE_CSP, inert_html
 
 URL_PREFIX = "/kd"
 _bearer = HTTPBearer(auto_error=False)
@@ -61,6 +67,15 @@ def create_app() -> FastAPI:
                   # FastAPI's generated docs would be public routes: none are served
                   docs_url=None, redoc_url=None, openapi_url=None)
 
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        """Every response, errors included: not sniffed, and the view's policy unless the
+        route set the artifacts' one."""
+        response = await call_next(request)
+        response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        response.headers.update(NOSNIFF)
+        return response
+
     @app.get("/", response_class=HTMLResponse)
     def dashboard_page(request: Request) -> HTMLResponse:
         return HTMLResponse(pages.dashboard(_call(data.dashboard), _base(request)))
@@ -92,15 +107,21 @@ def create_app() -> FastAPI:
 
     @app.get("/artifacts/report/{name}")
     def report_artifact(name: str) -> Response:
-        body, kind = _call(data.report_artifact, name)
-        return Response(body, media_type=kind)
+        return _artifact(name, *_call(data.report_artifact, name))
 
     @app.get("/artifacts/quality/{date}/{name:path}")
     def quality_artifact(date: str, name: str) -> Response:
-        body, kind = _call(data.quality_artifact, _call(data.parse_day, date), name)
-        return Response(body, media_type=kind)
+        return _artifact(name, *_call(data.quality_artifact, _call(data.parse_day, date), name))
 
     return app
+
+
+def _artifact(name: str, body: bytes, kind: str) -> Response:
+    """A stored file as data, not as a page of this origin: sandboxed whatever its type
+    (HTML, SVG, a type the browser would guess), HTML rewritten without script."""
+    if kind in HTML_TYPES:
+        body = inert_html(body, name)
+    return Response(body, media_type=kind, headers={"Content-Security-Policy": ARTIFACT_CSP})
 
 
 def _run_view(dag_id: str, run_id: str, date: str | None) -> dict[str, Any]:

@@ -1,7 +1,12 @@
 """Server-rendered HTML of the KD view (no JavaScript). Figures are printed the way
 report.md prints them (4 decimals, gains as ``mean [lo, hi] (n=days)``), and every
 figure cell carries ``data-kd`` (what it is) and ``data-value`` (the full number), so a
-browser test can compare what is shown with the stored report."""
+browser test can compare what is shown with the stored report.
+
+Every value printed is escaped with ``_e`` (text and quoted attributes alike: names,
+dates, versions, check details come from stored records and configs), URL segments with
+``quote``; the app serves these pages under a CSP that allows no script
+(kd_ui.safe_html.PAGE_CSP), so an escape missed here still runs nothing."""
 
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ def _cell(key: str, value: Any, text: str | None = None, cls: str = "") -> str:
 
 def _page(title: str, body: list[str], base: str) -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'><title>" + _e(title) + "</title><style>" + CSS
-            + "</style></head><body>" + f"<p class='muted'><a href='{base}/'>KD dashboard</a></p>"
+            + "</style></head><body>" + f"<p class='muted'><a href='{_e(base)}/'>KD dashboard</a></p>"
             + "\n".join(body) + "</body></html>")
 
 
@@ -47,10 +52,11 @@ def _status(s: Any) -> str:
 
 
 def dashboard(d: dict[str, Any], base: str) -> str:
+    href = _e(base)  # the app's mount path, as an attribute value
     dates = d["dates"]
     b = [f"<h1>KD dashboard: {_e(d['dataset'])}</h1>",
          f"<p class='muted'>storage root {_e(d['root'])}; published report "
-         f"<a href='{base}/artifacts/report/report.md'>report.md</a>; "
+         f"<a href='{href}/artifacts/report/report.md'>report.md</a>; "
          + (f"progressive validation over {len(dates)} days ({_e(dates[0])} .. {_e(dates[-1])})" if dates
             else "no progressive metrics yet") + "</p>"]
     b += ["<h2>KD gain against the control</h2><p class='muted'>student - control, mean over days, 95% bootstrap "
@@ -66,7 +72,7 @@ def dashboard(d: dict[str, Any], base: str) -> str:
           "<table id='means'><tr><th>model</th><th>role</th><th>task</th><th>days</th>"
           + "".join(f"<th>{m}</th>" for m in METRICS) + "</tr>"]
     for r in d["means"]:
-        b.append(f"<tr><td>{_e(r['model'])}</td><td>{_e(r['role'])}</td><td>{_e(r['task'])}</td><td>{r['days']}</td>"
+        b.append(f"<tr><td>{_e(r['model'])}</td><td>{_e(r['role'])}</td><td>{_e(r['task'])}</td><td>{_e(r['days'])}</td>"
                  + "".join(_cell(f"mean:{r['model']}:{r['task']}:{m}", r.get(m)) for m in METRICS) + "</tr>")
     b.append("</table>")
     b += ["<h2>Gate per day</h2><table id='gates'><tr><th>date</th><th>status</th><th>action</th><th>teacher</th>"
@@ -76,7 +82,7 @@ def dashboard(d: dict[str, Any], base: str) -> str:
         day = g["date"]
         cal = {k: v for k, v in g.items() if k.startswith("calibration:")}
         drift = {k: v for k, v in g.items() if k.startswith("label_drift:")}
-        b.append(f"<tr><td><a href='{base}/day/{_e(day)}'>{_e(day)}</a></td>"
+        b.append(f"<tr><td><a href='{href}/day/{_e(day)}'>{_e(day)}</a></td>"
                  f"<td data-kd='gate:{_e(day)}:status'>{_status(g['status'])}</td><td>{_e(g['action'])}</td>"
                  f"<td>{_e(g['teacher_version'])}</td>"
                  f"<td class='{'stale' if g.get('teacher_stale') else ''}'>{'yes' if g.get('teacher_stale') else 'no'}</td>"
@@ -84,7 +90,7 @@ def dashboard(d: dict[str, Any], base: str) -> str:
                  + _cell(f"gate:{day}:psi", g.get("psi")) + _cell(f"gate:{day}:js", g.get("js"))
                  + "<td>" + ", ".join(f"{_e(k.split(':', 1)[1])} {f4(v)}" for k, v in cal.items()) + "</td>"
                  + "<td>" + ", ".join(f"{_e(k.split(':', 1)[1])} {f4(v)}" for k, v in drift.items()) + "</td>"
-                 + f"<td><a href='{base}/day/{_e(day)}#docs'>docs</a></td></tr>")
+                 + f"<td><a href='{href}/day/{_e(day)}#docs'>docs</a></td></tr>")
     b.append("</table>")
     b += ["<h2>Label lineage</h2><table id='lineage'><tr><th>date</th><th>labelled by teacher</th>"
           "<th>teacher trained through</th><th>staleness (days)</th><th>stale</th><th>consumed by</th></tr>"]
@@ -96,12 +102,13 @@ def dashboard(d: dict[str, Any], base: str) -> str:
     b.append("</table>")
     b.append("<h2>Plots</h2>")
     for p in d["plots"]:
-        b.append(f"<p><a href='{base}/artifacts/report/{quote(p)}'>{_e(p)}</a><br>"
-                 f"<img alt='{_e(p)}' src='{base}/artifacts/report/{quote(p)}'></p>")
+        b.append(f"<p><a href='{href}/artifacts/report/{quote(p)}'>{_e(p)}</a><br>"
+                 f"<img alt='{_e(p)}' src='{href}/artifacts/report/{quote(p)}'></p>")
     return _page(f"KD dashboard: {d['dataset']}", b, base)
 
 
 def day(v: dict[str, Any], base: str) -> str:
+    href = _e(base)  # the app's mount path, as an attribute value
     day_s = v["date"]
     t = v["teacher"]
     title = f"KD: {v['dataset']} {day_s}" + (f" (run {v['run_id']})" if v.get("run_id") else "")
@@ -132,7 +139,7 @@ def day(v: dict[str, Any], base: str) -> str:
                      f"<td>{_e(c.get('detail'))}</td></tr>")
         b.append("</table><h2 id='docs'>Data Docs</h2><ul>")
         for p in g.get("data_docs", []):
-            b.append(f"<li><a href='{base}/artifacts/quality/{_e(day_s)}/{quote(p)}'>{_e(p)}</a></li>")
+            b.append(f"<li><a href='{href}/artifacts/quality/{_e(day_s)}/{quote(p)}'>{_e(p)}</a></li>")
         b.append("</ul>")
     b += ["<h2>Students against their control (progressive metrics on this date)</h2>",
           "<table id='students'><tr><th>student</th><th>mode</th><th>task</th><th>metric</th><th>student</th>"

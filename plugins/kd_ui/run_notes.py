@@ -7,17 +7,23 @@ scheduler when a run starts (``on_dag_run_running``, msg ``started``) and writes
 It mirrors ``operators.kd_daily.resolve_date`` without importing it (plugins load in every
 Airflow process; the repo's operators need not be importable there); when the params are
 bad it notes nothing and ``resolve`` fails the run with its message.
+
+The note is text the Airflow UI renders (as Markdown): it only ever prints the date and
+names that match the DAG params' pattern, so a conf that slipped past their validation
+(they are checked when a run is triggered) cannot put markup into the run list.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from typing import Any
 
 from airflow.listeners import hookimpl
 
 DAG_ID = "kd_daily"
+NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")  # dags/kd_daily.py: the students param's items (stages are a subset)
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +42,9 @@ def partition_note(run_type: Any, conf: dict[str, Any] | None, interval_start: A
             return None
     students = conf.get("students") or []
     stages = conf.get("stages") or []
+    if not (isinstance(students, list) and isinstance(stages, list)
+            and all(isinstance(n, str) and NAME.fullmatch(n) for n in [*students, *stages])):
+        return None
     return (f"partition {day.isoformat()} · students: {', '.join(students) if students else 'all'}"
             f" · stages: {', '.join(stages) if stages else 'all'}")
 
