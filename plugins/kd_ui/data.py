@@ -136,13 +136,15 @@ def dashboard() -> dict[str, Any]:
 
 
 def _checkpoint(name: str, day: dt.date) -> dict[str, Any] | None:
-    from kdcore.errors import StorageError
+    """The checkpoint's meta, or None where there is none to show: missing, unreadable, or
+    refused as another model's (a misplaced checkpoint is not this model's figures)."""
+    from kdcore.errors import LineageError, StorageError
     from kdcore.models import registry
 
     c = cfg()
     try:
         return registry.find_checkpoint(c.root, c.spec.name, name, day).meta
-    except StorageError:
+    except (StorageError, LineageError):
         return None
 
 
