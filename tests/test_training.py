@@ -72,16 +72,18 @@ def test_teacher_step_warm_starts_from_previous_day_and_records_progressive_metr
     assert registry.lineage(cfg.root, DS, "teacher", D)[1].version == parent.version
 
 
-def test_teacher_cold_start_without_parent(kd: KD):
+def test_teacher_refresh_before_its_bootstrap_is_refused(kd: KD):
+    """A day before the teacher's first checkpoint has no parent; cold-starting there would
+    grow a second, orphan lineage beside the bootstrapped one (issue 19), so it is refused
+    and nothing is written. (Cold starts of a model with no checkpoint at all: the
+    bootstrap tests and test_training_fast's streamed day.)"""
     cfg = kd.cfg
     early = kd.days[2]  # before the bootstrap checkpoint: no teacher exists before it
-    assert registry.parent_for(cfg.root, DS, "teacher", early) is None
-    out = steps.teacher_step(cfg, early)
-    ckpt = _ckpt(kd, "teacher", early)
-    assert out["parent"] is None and ckpt.meta["parent"] is None
-    assert out["progressive"] is None and ckpt.meta["progressive"] is None
-    assert ckpt.meta["rows_seen"] == ckpt.meta["rows_day"]
-    assert registry.lineage(cfg.root, DS, "teacher", early) == [ckpt]
+    before = tree_digest(kd.root)
+    with pytest.raises(LineageError, match=rf"'teacher' has no checkpoint before {early}: its first is trained "
+                                           rf"through {kd.B} .*bootstrap again"):
+        steps.teacher_step(cfg, early)
+    assert tree_digest(kd.root) == before
 
 
 def test_check_parent_refuses_parent_not_older_than_day(kd: KD):

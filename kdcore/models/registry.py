@@ -180,7 +180,7 @@ def parent_for(root: str, dataset: str, name: str, day: dt.date) -> Checkpoint |
     random weights beside the real one, so it is refused."""
     days = list_checkpoints(root, dataset, name)
     before = [d for d in days if d < day]
-    if not before and days:
+    if not before and any(d > day for d in days):  # (a checkpoint of ``day`` itself is a re-run of it)
         raise LineageError(f"'{name}' has no checkpoint before {day}: its first is trained through {min(days)} "
                            f"({checkpoint_uri(root, dataset, name, min(days))}); train days after {min(days)}, "
                            f"or bootstrap again through a date before {day}")
