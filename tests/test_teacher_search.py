@@ -327,3 +327,34 @@ def test_kd_teacher_search_dag_runs_on_small_data(ml_examples, tmp_path):
                           json.dumps({"budget_seconds": -1})], env=env, capture_output=True, text=True,
                          timeout=300, cwd=str(REPO))
     assert bad.returncode != 0
+
+
+def test_search_reuse_follows_the_examples_it_trained_on(ml_examples, tmp_path):
+    """The search keys its bootstrap checkpoints on the content of their window, like the
+    pipeline's bootstrap: a re-run reuses them, a re-published history day retrains them."""
+    import shutil
+
+    from kdcore.data import examples
+    from kdcore.models import registry
+    from kdcore.search.runner import PipelineTrainer
+    from kdcore.storage import partition as part
+
+    root = tmp_path / "examples"
+    shutil.copytree(ml_examples, root)
+    cfg = search_from_dict(_tiny_search(root, tmp_path / "s"))
+    trainer = PipelineTrainer(cfg, "reuse")
+    through = trainer.history[-1]
+
+    def versions() -> dict[str, str]:
+        trainer.prepare()
+        trainer.bootstrap("t1x")
+        return {"student": registry.find_checkpoint(trainer.pipeline(None).root, "movielens", "student", through).version,
+                "teacher": registry.find_checkpoint(trainer.pipeline("t1x").root, "movielens", "teacher", through).version}
+
+    first = versions()
+    assert versions() == first  # same inputs: reused, nothing retrained
+    day_uri = examples.examples_uri(str(root), "movielens", through)
+    table = part.read_table(day_uri)
+    part.publish_table(day_uri, table.slice(0, table.num_rows - 1))  # the history's last day re-published
+    second = versions()
+    assert second["student"] != first["student"] and second["teacher"] != first["teacher"]

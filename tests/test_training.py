@@ -354,8 +354,8 @@ def test_a_step_with_no_training_rows_publishes_nothing(kd: KD, name):
     parent = _ckpt(kd, name, kd.B)
     before = tree_digest(kd.root)
     with pytest.raises(DataError, match=rf"^0 training rows for {name} on {D}: nothing trained or published$"):
-        steps._train_and_publish(cfg, name, "student", model_cfg, parent.meta["aux_tasks"], D, empty, parent, NO_KD,
-                                 None, {}, {}, steps._base(cfg, name, D))
+        steps.train_and_publish(cfg, name, "student", model_cfg, parent.meta["aux_tasks"], D, empty, parent, NO_KD,
+                                None, {}, {}, steps.base_generation(cfg, name, D))
     assert tree_digest(kd.root) == before
 
 

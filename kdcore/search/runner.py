@@ -135,13 +135,15 @@ class PipelineTrainer:
         window = self.history[-self.cfg.proxy_student.bootstrap_days:]
         data = load_days(self.cfg.examples_uri, self.spec, window)
         through = self.history[-1]
+        inputs = steps.window_digest(self.cfg.examples_uri, self.spec, window)  # keyed on content, as bootstrap is
         for s in cfg.all_students():
-            fp = {"model": s.model.model_dump(mode="json"), "bootstrap": [window[0].isoformat(), window[-1].isoformat()]}
-            base = steps._base(cfg, s.name, through)  # before the check: a publish builds on what it saw
-            if steps._existing(cfg, s.name, through, None, fp):
+            fp = {"model": s.model.model_dump(mode="json"), "bootstrap": [window[0].isoformat(), window[-1].isoformat()],
+                  "examples": inputs}
+            base = steps.base_generation(cfg, s.name, through)  # before the check: a publish builds on what it saw
+            if steps.existing_checkpoint(cfg, s.name, through, None, fp):
                 continue
             extra = {"bootstrap": {"from": window[0].isoformat(), "to": window[-1].isoformat(), "days": len(window)}}
-            steps._train_and_publish(cfg, s.name, "control" if s.name in cfg.controls() else "student", s.model,
+            steps.train_and_publish(cfg, s.name, "control" if s.name in cfg.controls() else "student", s.model,
                                      steps.aux_tasks(cfg, s.distill), through, data, None, NO_KD, None, extra, fp,
                                      base, epochs=1, progressive=False)
         return round(self._clock() - t0, 4)
@@ -172,12 +174,13 @@ class PipelineTrainer:
                        registry.checkpoint_uri(cfg.root, self.spec.name, STUDENT, through))
         set_determinism(cfg.torch_threads)
         fp = {"model": cfg.teacher.model.model_dump(mode="json"),
-              "bootstrap": [window[0].isoformat(), window[-1].isoformat()]}
-        base_gen = steps._base(cfg, TEACHER, through)
-        if not steps._existing(cfg, TEACHER, through, None, fp):
+              "bootstrap": [window[0].isoformat(), window[-1].isoformat()],
+              "examples": steps.window_digest(self.cfg.examples_uri, self.spec, window)}
+        base_gen = steps.base_generation(cfg, TEACHER, through)
+        if not steps.existing_checkpoint(cfg, TEACHER, through, None, fp):
             data = load_days(self.cfg.examples_uri, self.spec, window)
             extra = {"bootstrap": {"from": window[0].isoformat(), "to": window[-1].isoformat(), "days": len(window)}}
-            steps._train_and_publish(cfg, TEACHER, "teacher", cfg.teacher.model, [], through, data, None, NO_KD, None,
+            steps.train_and_publish(cfg, TEACHER, "teacher", cfg.teacher.model, [], through, data, None, NO_KD, None,
                                      extra, fp, base_gen, epochs=c.bootstrap_epochs, progressive=False)
         return round(self._clock() - t0, 4)
 

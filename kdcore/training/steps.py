@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kdcore.config import PipelineConfig, StudentConfig
+from kdcore.data.spec import DatasetSpec
 from kdcore.data.validate import ensure_valid
 from kdcore.distill.adapter import fit_adapters
 from kdcore.distill.config import DistillConfig
@@ -39,14 +40,14 @@ def _seed(cfg: RankerConfig, day: dt.date) -> int:
     return cfg.seed * 1_000_003 + day.toordinal()
 
 
-def _base(cfg: PipelineConfig, name: str, day: dt.date) -> str | None:
+def base_generation(cfg: PipelineConfig, name: str, day: dt.date) -> str | None:
     """The generation of the checkpoint folder of (name, day) when a step starts: the step
     publishes only if it is still the same then, so a checkpoint another trainer committed
     meanwhile is never replaced (the later one gets a ConflictError)."""
     return part.manifest_generation(registry.checkpoint_uri(cfg.root, cfg.spec.name, name, day))
 
 
-def _existing(cfg: PipelineConfig, name: str, day: dt.date, parent: registry.Checkpoint | None,
+def existing_checkpoint(cfg: PipelineConfig, name: str, day: dt.date, parent: registry.Checkpoint | None,
               fingerprint: dict[str, Any]) -> registry.Checkpoint | None:
     try:
         ckpt = registry.find_checkpoint(cfg.root, cfg.spec.name, name, day)
@@ -82,14 +83,14 @@ def _warm_or_cold(cfg: PipelineConfig, parent: registry.Checkpoint | None, model
     return model, make_optimizer(model), 0
 
 
-def _train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: RankerConfig, aux: list[str],
+def train_and_publish(cfg: PipelineConfig, name: str, role: str, model_cfg: RankerConfig, aux: list[str],
                        day: dt.date, data: DayData | DayStream, parent: registry.Checkpoint | None,
                        distill: DistillConfig, soft: dict[str, np.ndarray] | None,
                        extra: dict[str, Any], fingerprint: dict[str, Any], base: str | None,
                        epochs: int | None = None, progressive: bool = True) -> dict[str, Any]:
     """Warm/cold start, progressive evaluation, training, publish. The teacher's
     checkpoint also carries the reference profile of its recent training window, which
-    the quality gate compares with the students' day. ``base`` is :func:`_base`, read when
+    the quality gate compares with the students' day. ``base`` is :func:`base_generation`, read when
     the step started. A day without rows trains and publishes nothing: its checkpoint
     would carry NaN metrics and a copy of its parent under a new date."""
     if len(data) == 0:
@@ -158,17 +159,17 @@ def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict
     train it on D. A failure raises, so the last good teacher stays in use."""
     set_determinism(cfg.torch_threads)
     t = cfg.teacher
-    base = _base(cfg, t.name, day)
+    base = base_generation(cfg, t.name, day)
     checked = ensure_valid(cfg.root, cfg.spec, day)  # before anything trains on the day
     parent = registry.parent_for(cfg.root, cfg.spec.name, t.name, day)
     registry.check_parent(parent, day)
     # keyed on its inputs: re-published examples retrain the day (and, by lineage, the days after)
     fp = {"model": t.model.model_dump(mode="json"), "examples": checked["examples_sha256"]}
-    if not force and (ckpt := _existing(cfg, t.name, day, parent, fp)):
+    if not force and (ckpt := existing_checkpoint(cfg, t.name, day, parent, fp)):
         _log_reused(t.name, day, ckpt)
         return _summary(ckpt)
     data = open_day(cfg.root, cfg.spec, day, t.model.shuffle_window_rows)
-    return _train_and_publish(cfg, t.name, "teacher", t.model, [], day, data, parent, NO_KD, None, {}, fp, base)
+    return train_and_publish(cfg, t.name, "teacher", t.model, [], day, data, parent, NO_KD, None, {}, fp, base)
 
 
 def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str | None = None,
@@ -187,7 +188,7 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
     if action == "skip_students":
         log.info("%s %s: skipped: gate said skip_students (nothing trained or published)", name, day)
         return {"name": name, "skipped": True, "reason": "gate: skip_students", "trained_through": None}
-    base = _base(cfg, name, day)
+    base = base_generation(cfg, name, day)
     checked = ensure_valid(cfg.root, cfg.spec, day)
     parent = registry.parent_for(cfg.root, cfg.spec.name, name, day)
     registry.check_parent(parent, day)
@@ -204,7 +205,7 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
           "labels_sha256": part.manifest_digest(labels_manifest) if labels_manifest else None}
     if not use_kd:
         log.info("%s %s: %s", name, day, _kd_mode(cfg, s, role, action))
-    if not force and (ckpt := _existing(cfg, name, day, parent, fp)):
+    if not force and (ckpt := existing_checkpoint(cfg, name, day, parent, fp)):
         if use_kd:
             log.info("%s %s: %s (labels %s)", name, day, _kd_mode(cfg, s, role, action), _relative(cfg, labels_uri))
         _log_reused(name, day, ckpt)
@@ -235,7 +236,7 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
             log.info("%s %s: %s from teacher %s labels (staleness %s day%s%s); labels joined %d rows, missing 0",
                      name, day, _kd_mode(cfg, s, role, action), joined.metadata.get("teacher_version"), staleness,
                      "" if staleness == 1 else "s", ", STALE FALLBACK teacher" if stale else "", len(data))
-    return _train_and_publish(cfg, name, role, s.model, aux_tasks(cfg, s.distill), day, data, parent, distill,
+    return train_and_publish(cfg, name, role, s.model, aux_tasks(cfg, s.distill), day, data, parent, distill,
                               soft, extra, fp, base)
 
 
@@ -250,6 +251,13 @@ def _kd_mode(cfg: PipelineConfig, s: StudentConfig, role: str, action: GateActio
     tasks = s.distill.distilled_tasks(cfg.spec.served_tasks, [t.name for t in cfg.spec.tasks])
     how = "auxiliary heads" if s.distill.mode == "auxiliary" else f"{s.distill.mode} on the serving heads"
     return f"distilling ({how}, tasks [{', '.join(tasks)}])"
+
+
+def window_digest(root: str, spec: DatasetSpec, window: list[dt.date]) -> str:
+    """The content key of a bootstrap window: every day validated, their examples digests
+    chained. A bootstrap checkpoint records it in its fingerprint, so re-published history
+    retrains the bootstrap instead of reusing a model of data that no longer exists."""
+    return hashlib.sha256("".join(ensure_valid(root, spec, d)["examples_sha256"] for d in window).encode()).hexdigest()
 
 
 def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
@@ -268,7 +276,7 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
 
     set_determinism(cfg.torch_threads)
     # what every model's folder for ``through`` holds now: its publish must find it unchanged
-    bases = {m: _base(cfg, m, through) for m in [cfg.teacher.name, *(s.name for s in cfg.all_students())]}
+    bases = {m: base_generation(cfg, m, through) for m in [cfg.teacher.name, *(s.name for s in cfg.all_students())]}
     n = cfg.bootstrap.days if days is None else days
     if n < 1:
         raise SpecError(f"bootstrap window: days must be at least 1, got {n}")
@@ -276,19 +284,18 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
     window = avail[-n:]
     if not window:
         raise StorageError(f"no example partitions on or before {through} to bootstrap from")
-    inputs = hashlib.sha256("".join(ensure_valid(cfg.root, cfg.spec, d)["examples_sha256"]
-                                    for d in window).encode()).hexdigest()
+    inputs = window_digest(cfg.root, cfg.spec, window)
     data = load_days(cfg.root, cfg.spec, window)
     span = [window[0].isoformat(), window[-1].isoformat()]
     extra = {"bootstrap": {"from": span[0], "to": span[1], "days": len(window)}}
     t = cfg.teacher
     fp_t = {"model": t.model.model_dump(mode="json"), "bootstrap": span, "examples": inputs}
     out: dict[str, Any] = {}
-    teacher = _existing(cfg, t.name, through, None, fp_t)
+    teacher = existing_checkpoint(cfg, t.name, through, None, fp_t)
     if teacher is not None:
         out[t.name] = _summary(teacher)
     else:
-        out[t.name] = _train_and_publish(cfg, t.name, "teacher", t.model, [], through, data, None, NO_KD, None,
+        out[t.name] = train_and_publish(cfg, t.name, "teacher", t.model, [], through, data, None, NO_KD, None,
                                          extra, fp_t, bases[t.name], epochs=cfg.bootstrap.epochs, progressive=False)
         teacher = registry.find_checkpoint(cfg.root, cfg.spec.name, t.name, through)
     soft: dict[str, np.ndarray] | None = None
@@ -299,7 +306,7 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
         fp = {"model": s.model.model_dump(mode="json"), "distill": s.distill.model_dump(mode="json"),
               "bootstrap": span, "examples": inputs,
               "teacher": teacher.version if s.distill.uses_teacher else None}
-        if (ckpt := _existing(cfg, s.name, through, None, fp)):
+        if (ckpt := existing_checkpoint(cfg, s.name, through, None, fp)):
             out[s.name] = _summary(ckpt)
             continue
         targets = None
@@ -310,7 +317,7 @@ def bootstrap(cfg: PipelineConfig, through: dt.date, days: int | None = None,
             targets = fit_adapters(soft, data.hard, list(cfg.spec.tasks), s.distill.adapter, seed=s.model.seed)
         info = dict(extra, kd_applied=s.distill.uses_teacher, distill_mode=s.distill.mode,
                     teacher_version=teacher.version if s.distill.uses_teacher else None)
-        out[s.name] = _train_and_publish(cfg, s.name, role, s.model, aux_tasks(cfg, s.distill), through, data,
+        out[s.name] = train_and_publish(cfg, s.name, role, s.model, aux_tasks(cfg, s.distill), through, data,
                                          None, s.distill if s.distill.uses_teacher else NO_KD, targets, info, fp,
                                          bases[s.name], epochs=cfg.bootstrap.epochs, progressive=False)
     return out
