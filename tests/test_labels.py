@@ -393,3 +393,19 @@ def test_check_labels_for_names_what_differs(kd: KD):
     ckpt = registry.find_checkpoint(cfg.root, DS, "teacher", kd.B)
     with pytest.raises(DataError, match=r"not teacher labels \(manifest kind 'checkpoint'"):
         check_labels_for(ckpt.uri, DS, D, digest)
+
+
+def test_gate_refuses_labels_whose_teacher_was_retrained_since(kd: KD):
+    """The gate judges labels by the reference profile of the teacher that scored them: when
+    that teacher's day was retrained after it labelled (a --force refresh), the checkpoint
+    at its path is another model, and the gate refuses instead of mixing the two."""
+    from kdcore.quality.daily import run_gate
+
+    out = mat.materialize(kd.cfg, kd.day(1))
+    retrained = steps.teacher_step(kd.cfg, kd.B, force=True)  # the labelling teacher's day, again
+    assert retrained["version"] != out["teacher_version"]
+    before = tree_digest(kd.root)
+    with pytest.raises(LineageError, match=rf"scored by {out['teacher_version']}, but .* now holds "
+                                           rf"{retrained['version']}; re-materialize"):
+        run_gate(kd.cfg, kd.day(1), out["uri"])
+    assert tree_digest(kd.root) == before

@@ -23,7 +23,7 @@ import pyarrow as pa
 from kdcore.config import PipelineConfig
 from kdcore.data import examples
 from kdcore.data.spec import DatasetSpec
-from kdcore.errors import StorageError
+from kdcore.errors import LineageError, StorageError
 from kdcore.labels.encoding import decode_labels
 from kdcore.labels.store import check_labels_for
 from kdcore.models import registry
@@ -60,6 +60,12 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
     # labels committed before paths were relative to the root name the teacher by URI
     teacher = registry.read_checkpoint(sfs.join(cfg.root, meta["teacher_path"]) if "teacher_path" in meta
                                        else meta["teacher_uri"])
+    if meta.get("teacher_version") and teacher.version != meta["teacher_version"]:
+        # the teacher's day was retrained (e.g. with --force) after it scored these labels: its
+        # profile and lineage are another model's, so the gate would judge the labels by it
+        raise LineageError(f"labels at {labels_uri} were scored by {meta['teacher_version']}, but {teacher.uri} "
+                           f"now holds {teacher.version}; re-materialize the labels of {day} "
+                           f"(kd labels materialize --date {day} --force)")
     try:
         profile = Profile.model_validate_json(part.read_blob(teacher.uri, PROFILE))
     except StorageError:
