@@ -93,7 +93,7 @@ def retries_from_env() -> int:
     raw = os.environ.get("KD_RETRIES", "").strip()
     if not raw:
         return DEFAULT_RETRIES
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         raise SpecError(f"KD_RETRIES must be a whole number of retries (0 or more), got {raw!r}")
     return int(raw)
 
