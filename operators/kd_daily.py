@@ -24,6 +24,8 @@ from typing import Any
 from airflow.sdk import Asset, AssetAlias, PokeReturnValue, TriggerRule, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from operators.faults import no_retry as _no_retry  # only transient faults are retried
+
 log = logging.getLogger(__name__)
 
 # Mirrors kdcore.pipeline.STAGES (checked by tests/test_dag_integrity.py; not imported: heavy).
@@ -157,23 +159,6 @@ def _require_plan(plan: dict[str, Any] | None, task_id: str) -> dict[str, Any]:
     if not isinstance(plan, dict) or "date" not in plan:
         raise AirflowSkipException(f"{task_id}: no plan, 'resolve' failed (see its log for why); nothing to do")
     return plan
-
-
-@contextlib.contextmanager
-def _no_retry(what: str) -> Iterator[None]:
-    """Errors that a retry cannot change fail the task at once (AirflowFailException):
-    kdcore's DataError, SpecError, LineageError, GateError and plain KDError (labels not
-    materialized, unknown student, ...). StorageError (a partition read/write that may be
-    transient, ConflictError included) propagates and is retried with backoff."""
-    from kdcore.errors import KDError, StorageError
-
-    try:
-        yield
-    except StorageError:
-        raise
-    except KDError as e:
-        raise AirflowFailException(f"{what}: {type(e).__name__}: {e} (not retried: the inputs will not change)") \
-            from None
 
 
 @contextlib.contextmanager

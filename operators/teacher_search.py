@@ -3,7 +3,8 @@
 Thin shells over ``kdcore.search.run``'s rung-by-rung functions; kdcore (torch, pyarrow)
 is imported inside the task bodies only. Tasks pass the run URI and small JSON plans
 through XCom; the search state lives in ``<search_root>/search/<run_id>/state.json``.
-Every task is idempotent for the same run id (a retried task resumes or re-reads).
+Every task is idempotent for the same run id (a retried task resumes or re-reads); only a
+transient fault is retried (``operators.faults.no_retry``), anything else fails at once.
 
 Params are confined before anything is read (``validate_params``): ``config`` must lie in
 the configs folder (``$KD_CONFIG_DIR``, default the repo's ``configs/``), ``root`` at or
@@ -31,6 +32,8 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import TriggerRule, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from operators.faults import no_retry  # only transient faults are retried
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +147,8 @@ def setup(**context: Any) -> str:
                 raise KDError(f"params.promote_config: {target} does not exist")
     except KDError as e:
         raise AirflowFailException(str(e)) from None
-    out = setup_run(cfg, run_id)
+    with no_retry("search setup"):
+        out = setup_run(cfg, run_id)
     log.info("search run %s (resumed: %s)", out["run"], out["resumed"])
     return out["run"]
 
@@ -155,7 +159,8 @@ def plan_rung(run: str, rung: int) -> list[dict[str, Any]]:
     training task expands over the returned list (empty: the search is over)."""
     from kdcore.search.run import plan_and_control
 
-    items = plan_and_control(run, rung)
+    with no_retry(f"planning rung {rung}"):
+        items = plan_and_control(run, rung)
     log.info("rung %d: %d candidates", rung, len(items))
     return items
 
@@ -167,7 +172,8 @@ def train_candidate(run: str, rung: int, cid: str, target: int, allowance: float
     from kdcore.search.run import train_candidate as train
 
     get_current_context()["map_label"] = f"{cid} r{rung}"  # type: ignore[typeddict-unknown-key]
-    return train(run, rung, cid, target, allowance)
+    with no_retry(f"candidate {cid} rung {rung}"):
+        return train(run, rung, cid, target, allowance)
 
 
 @task(retries=1, execution_timeout=dt.timedelta(minutes=10), trigger_rule=TriggerRule.NONE_FAILED)
@@ -175,7 +181,8 @@ def close_rung(run: str, rung: int) -> dict[str, Any]:
     """Merge the rung's results, rank by the proxy student's gain, keep the best 1/eta."""
     from kdcore.search.run import close_rung as close
 
-    return close(run, rung)
+    with no_retry(f"closing rung {rung}"):
+        return close(run, rung)
 
 
 @task(task_id="report", retries=1, execution_timeout=dt.timedelta(minutes=10),
@@ -184,7 +191,8 @@ def report(run: str, **context: Any) -> dict[str, Any]:
     """Ranked Markdown table + gain-vs-cost PNG + result.json (the input of promotion)."""
     from kdcore.search.run import finish_run
 
-    out = finish_run(run, command=f"airflow dag kd_teacher_search run {context['dag_run'].run_id}")
+    with no_retry("search report"):
+        out = finish_run(run, command=f"airflow dag kd_teacher_search run {context['dag_run'].run_id}")
     log.info("teacher search result: %s", out)
     return out
 

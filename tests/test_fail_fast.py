@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from kdcore.errors import DataError, KDError, LineageError, SpecError, StorageError
+from kdcore.errors import DataError, KDError, LineageError, SpecError, StorageError, TransientStorageError
 from tests.pipeline_fixtures import KD, TINY, kd, kd_base  # noqa: F401  (fixtures)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))  # as Airflow's plugin manager does
@@ -119,7 +119,7 @@ def test_bad_params_fail_the_run_at_resolve_once(bad_runs):
 # ---------------------------------------------------------------- 2. permanent errors are not retried
 
 
-@pytest.mark.parametrize("exc", [DataError, SpecError, LineageError, KDError])
+@pytest.mark.parametrize("exc", [DataError, SpecError, LineageError, KDError, StorageError])
 def test_permanent_errors_fail_without_retry(exc):
     from operators.kd_daily import _no_retry
 
@@ -129,11 +129,13 @@ def test_permanent_errors_fail_without_retry(exc):
 
 
 def test_storage_errors_still_retry():
+    """Transient ones: a StorageError a retry cannot change fails like the others
+    (tests/test_errors_transient.py)."""
     from operators.kd_daily import _no_retry
 
     with pytest.raises(StorageError):
         with _no_retry("step"):
-            raise StorageError("gs://bucket/x: 503")
+            raise TransientStorageError("gs://bucket/x: 503")
 
 
 def test_a_task_body_logs_its_peak_rss_when_it_finishes_and_fails_like_no_retry(caplog):

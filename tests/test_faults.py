@@ -299,7 +299,9 @@ def test_two_racing_trainers_one_wins_the_other_conflicts_and_nothing_is_lost(kd
     D = kd.day(1)
     mat.materialize(kd.cfg, D)  # the labels both read (the same teacher and day)
     config = _racer_config(tmp_path)
-    env = _env(kd.root)
+    # One attempt each: this test is about the conflict itself. By default the loser would
+    # retry it (a ConflictError is transient) and, re-run, build on the winner.
+    env = _env(kd.root, KD_RETRIES="0")
     uri = registry.checkpoint_uri(kd.cfg.root, "movielens", "racer", D)
     started = f"racer {D}: training racer"
 

@@ -24,7 +24,7 @@ from kdcore.config import PipelineConfig
 from kdcore.data import examples
 from kdcore.data.spec import DatasetSpec
 from kdcore.data.validate import ensure_valid
-from kdcore.errors import DataError, LineageError, StorageError
+from kdcore.errors import DataError, LineageError, SpecError, StorageError
 from kdcore.labels import encoding as enc
 from kdcore.labels.store import labels_uri, shard_dir, shard_uri
 from kdcore.models import registry
@@ -221,15 +221,17 @@ def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int)
         suri = shard_uri(cfg.root, spec.name, day, teacher_version, i, shards)
         try:
             m = part.read_manifest(suri)
-        except StorageError:
+        except StorageError as e:
+            if e.transient:
+                raise
             raise StorageError(f"cannot commit labels for {day}: shard {i}/{shards} is not published ({suri})") from None
         if m.metadata.get("examples_sha256") != digest:
-            raise StorageError(f"cannot commit labels for {day}: shard {i}/{shards} ({suri}) was computed from "
+            raise LineageError(f"cannot commit labels for {day}: shard {i}/{shards} ({suri}) was computed from "
                                f"other examples than the ones published now; re-run the shard")
         if m.metadata.get(enc.METADATA_KEY) != meta[enc.METADATA_KEY]:
-            raise StorageError(f"cannot commit labels for {day}: shard {i}/{shards} ({suri}) was stored in "
-                               f"another label encoding than labels.encoding {cfg.labels.encoding!r}; "
-                               f"re-run the shard")
+            raise SpecError(f"cannot commit labels for {day}: shard {i}/{shards} ({suri}) was stored in "
+                            f"another label encoding than labels.encoding {cfg.labels.encoding!r}; "
+                            f"re-run the shard")
         for task, err in (m.metadata.get(enc.MEASURED_KEY) or {}).items():
             measured[task] = max(measured.get(task, 0.0), err)
         schema_b64 = m.schema_b64

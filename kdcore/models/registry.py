@@ -154,7 +154,9 @@ def find_checkpoint(root: str, dataset: str, name: str, day: dt.date | str) -> C
     uri = checkpoint_uri(root, dataset, name, day)
     try:
         ckpt = read_checkpoint(uri)
-    except StorageError:
+    except StorageError as e:
+        if e.transient:  # storage did not answer: the checkpoint may well be there
+            raise
         raise StorageError(f"no checkpoint of '{name}' trained through {parse_date(day)} at {uri}") from None
     check_folder(ckpt, dataset, name, parse_date(day))
     return ckpt

@@ -68,7 +68,9 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
                            f"(kd labels materialize --date {day} --force)")
     try:
         profile = Profile.model_validate_json(part.read_blob(teacher.uri, PROFILE))
-    except StorageError:
+    except StorageError as e:
+        if e.transient:
+            raise
         raise StorageError(f"{teacher.uri}: teacher checkpoint has no reference profile ({PROFILE}); "
                            f"refresh the teacher with this version of kdcore") from None
     # The day is never held whole (flat memory in its size): the shift streams it, the

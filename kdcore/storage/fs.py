@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote, urlparse
 
 import pyarrow.fs as pafs
 
-from kdcore.errors import ConflictError, StorageError
+from kdcore.errors import ConflictError, StorageError, storage_error, transient_os_error
 from kdcore.storage import gcs
 
 # --- storage URIs ------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def exists(uri: str) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as e:
-        raise StorageError(f"{uri}: cannot stat ({e})") from None
+        raise storage_error(f"{uri}: cannot stat ({e})", transient_os_error(e)) from None
 
 
 def read_bytes(uri: str) -> bytes:
@@ -207,14 +207,16 @@ def read_bytes(uri: str) -> bytes:
     except OSError as e:
         if "not found" in str(e).lower() or "no such file" in str(e).lower():
             raise StorageError(f"{uri}: not found") from None
-        raise StorageError(f"{uri}: cannot read ({e})") from None
+        raise storage_error(f"{uri}: cannot read ({e})", transient_os_error(e)) from None
 
 
 def _os_error(uri: str, e: OSError) -> StorageError:
+    """A full disk, a quota, a permission or a read-only mount stays so on retry; EIO,
+    EAGAIN and the like may pass (see ``kdcore.errors.TRANSIENT_ERRNOS``)."""
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
               errno.EPERM: "operation not permitted", errno.EFBIG: "file too large for this file system"}.get(e.errno or 0, e.strerror or str(e))
-    return StorageError(f"{uri}: cannot write ({reason}); nothing was published")
+    return storage_error(f"{uri}: cannot write ({reason}); nothing was published", transient_os_error(e))
 
 
 TMP_PREFIX = ".tmp-"
@@ -294,7 +296,7 @@ def store(uri: str, src: bytes | str, sha256: str) -> bool:
         except (FileNotFoundError, NotADirectoryError):
             intact = False
         except OSError as e:
-            raise StorageError(f"{uri}: cannot read ({e})") from None
+            raise storage_error(f"{uri}: cannot read ({e})", transient_os_error(e)) from None
         if intact:
             return False
     if isinstance(src, str):
@@ -323,7 +325,7 @@ def generation(uri: str) -> str | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
-        raise StorageError(f"{uri}: cannot stat ({e})") from None
+        raise storage_error(f"{uri}: cannot stat ({e})", transient_os_error(e)) from None
     return f"{st.st_ino}.{st.st_mtime_ns}"
 
 
@@ -362,7 +364,7 @@ def list_files(uri: str) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
     except OSError as e:
-        raise StorageError(f"{uri}: cannot list ({e})") from None
+        raise storage_error(f"{uri}: cannot list ({e})", transient_os_error(e)) from None
     base = path.rstrip("/") + "/"
     return sorted(i.path[len(base):] for i in infos if i.type == pafs.FileType.File)
 
@@ -382,7 +384,7 @@ def list_file_ages(uri: str) -> list[tuple[str, float]]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
     except OSError as e:
-        raise StorageError(f"{uri}: cannot list ({e})") from None
+        raise storage_error(f"{uri}: cannot list ({e})", transient_os_error(e)) from None
     base = path.rstrip("/") + "/"
     return sorted((i.path[len(base):], now - i.mtime.timestamp() if i.mtime else float("inf"))
                   for i in infos if i.type == pafs.FileType.File)
@@ -408,7 +410,7 @@ def _walk_local(uri: str, root: str) -> list[tuple[str, float]]:
             if not rel:
                 return []  # no root yet: nothing to list
         except OSError as e:
-            raise StorageError(f"{uri}: cannot list ({e})") from None
+            raise storage_error(f"{uri}: cannot list ({e})", transient_os_error(e)) from None
     return out
 
 
@@ -441,7 +443,7 @@ def _unlink_confined(uri: str, real_root: str, rel: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as e:
-        raise StorageError(f"{uri}: cannot delete ({e})") from None
+        raise storage_error(f"{uri}: cannot delete ({e})", transient_os_error(e)) from None
     try:
         for name in parts[:-1]:
             sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
@@ -456,6 +458,6 @@ def _unlink_confined(uri: str, real_root: str, rel: str) -> bool:
     except OSError as e:
         if e.errno == errno.ELOOP:  # a folder on the way became a symlink
             return False
-        raise StorageError(f"{uri}: cannot delete ({e})") from None
+        raise storage_error(f"{uri}: cannot delete ({e})", transient_os_error(e)) from None
     finally:
         os.close(fd)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from kdcore.errors import ConflictError, StorageError
+from kdcore.errors import ConflictError, StorageError, storage_error
 
 
 @lru_cache(maxsize=4)
@@ -52,7 +52,7 @@ def stat(uri: str) -> ObjectStat | None:
     except gexc.NotFound:
         return None
     except gexc.GoogleAPIError as e:
-        raise StorageError(f"{uri}: cannot read object metadata ({e})") from None
+        raise storage_error(f"{uri}: cannot read object metadata ({e})", _transient(e)) from None
     md5 = base64.b64decode(blob.md5_hash).hex() if blob.md5_hash else ""
     return ObjectStat(size=int(blob.size or 0), md5=md5, generation=str(blob.generation))
 
@@ -82,7 +82,7 @@ def upload(uri: str, data: bytes | str, if_generation_match: int | None = None) 
         raise ConflictError(f"{uri}: changed by another writer (generation precondition "
                             f"{if_generation_match} failed)") from None
     except gexc.GoogleAPIError as e:
-        raise StorageError(f"{uri}: upload failed ({e})") from None
+        raise storage_error(f"{uri}: upload failed ({e})", _transient(e)) from None
     verify(uri, size, md5)
 
 
@@ -91,7 +91,20 @@ def _md5_file(path: str) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
+def _transient(e: Exception) -> bool:
+    """A GCS answer that may change on retry: 408, 429, a 5xx, or the client's own retries
+    running out of time (it retries exactly these, so a RetryError is one that persisted).
+    A 403, 404 or 400 stays what it is."""
+    from google.api_core import exceptions as gexc
+
+    return isinstance(e, gexc.RetryError | gexc.TooManyRequests | gexc.ServerError) or getattr(e, "code", None) == 408
+
+
 def verify(uri: str, size: int, md5: str) -> ObjectStat:
+    """The object just uploaded is there, whole. Not transient when it is not: GCS
+    acknowledged a write it does not hold, or holds other bytes (a lost write, a proxy or
+    endpoint that lies); kdcore's own check found it, not the service, and retrying would
+    hide a storage path that loses data from the person who must look at it."""
     st = stat(uri)
     if st is None:
         raise StorageError(f"{uri}: upload reported success but the object does not exist")

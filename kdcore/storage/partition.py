@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdcore.errors import ConflictError, KDError, StorageError
+from kdcore.errors import ConflictError, KDError, StorageError, storage_error, transient_os_error
 from kdcore.storage import fs as sfs
 from kdcore.storage.manifest import MANIFEST_NAME, FileEntry, Manifest, encode_schema
 
@@ -40,7 +40,9 @@ def manifest_uri(uri: str) -> str:
 def read_manifest(uri: str) -> Manifest:
     try:
         data = sfs.read_bytes(manifest_uri(uri))
-    except StorageError:
+    except StorageError as e:
+        if e.transient:  # the manifest may be there: storage did not answer
+            raise
         raise StorageError(f"{uri}: partition is not published (no {MANIFEST_NAME})") from None
     try:
         return Manifest.from_bytes(data)
@@ -154,8 +156,8 @@ class PartitionWriter:
         try:
             self._tmp = _spool_dir()
         except OSError as e:
-            raise StorageError(f"{self.uri}: cannot create a local spool folder in {tempfile.gettempdir()} "
-                               f"({e}); set TMPDIR to a writable disk") from None
+            raise storage_error(f"{self.uri}: cannot create a local spool folder in {tempfile.gettempdir()} "
+                                f"({e}); set TMPDIR to a writable disk", transient_os_error(e)) from None
         self._entries: list[FileEntry] = []
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
@@ -186,8 +188,8 @@ class PartitionWriter:
             self._write(batch)
         except OSError as e:  # the local spool: a full or unwritable temp disk
             self.abort()
-            raise StorageError(f"{self.uri}: cannot spool the partition in {self._tmp} ({e}); "
-                               f"nothing was published") from None
+            raise storage_error(f"{self.uri}: cannot spool the partition in {self._tmp} ({e}); "
+                                f"nothing was published", transient_os_error(e)) from None
 
     def _write(self, batch: pa.RecordBatch | pa.Table) -> None:
         if not batch.schema.equals(self.schema):
@@ -218,8 +220,8 @@ class PartitionWriter:
                         self._open()  # an empty partition still gets one (empty) file with the schema
                     self._finish_file()
                 except OSError as e:
-                    raise StorageError(f"{self.uri}: cannot spool the partition in {self._tmp} ({e}); "
-                                       f"nothing was published") from None
+                    raise storage_error(f"{self.uri}: cannot spool the partition in {self._tmp} ({e}); "
+                                        f"nothing was published", transient_os_error(e)) from None
             manifest = Manifest(
                 kind="parquet", files=self._entries, rows=sum(e.rows or 0 for e in self._entries),
                 bytes=sum(e.bytes for e in self._entries), schema_b64=encode_schema(self.schema),
@@ -321,7 +323,7 @@ def _verified(uri: str, entry: FileEntry, verify: bool = True) -> pa.Buffer:
                 raise StorageError(f"{file_uri}: listed in {manifest_uri(uri)} but missing; "
                                    f"re-publish the partition (re-run its task with force)") from None
             if "mismatched hashes" not in text and "data_loss" not in text:
-                raise StorageError(f"{file_uri}: cannot read ({e})") from None
+                raise storage_error(f"{file_uri}: cannot read ({e})", transient_os_error(e)) from None
             detail = "the download's checksum did not match what storage holds"
             continue
         if not verify or (buf.size == entry.bytes and hashlib.sha256(buf).hexdigest() == entry.sha256):

@@ -51,7 +51,9 @@ def existing_checkpoint(cfg: PipelineConfig, name: str, day: dt.date, parent: re
               fingerprint: dict[str, Any]) -> registry.Checkpoint | None:
     try:
         ckpt = registry.find_checkpoint(cfg.root, cfg.spec.name, name, day)
-    except StorageError:
+    except StorageError as e:
+        if e.transient:  # not "absent": retraining would replace a checkpoint storage did not show
+            raise
         return None
     same_parent = ckpt.meta.get("parent") == (parent.version if parent else None)
     return ckpt if same_parent and ckpt.meta.get("fingerprint") == fingerprint else None
