@@ -4,8 +4,8 @@ Each fault also says whether it can pass (``transient``): whether the same step,
 again unchanged, may succeed. Only transient faults are retried, by the DAG's tasks
 (operators/faults.py) and by the ``kd`` command line (kdcore/cli.py) alike. A fault is
 transient only when the storage service or the operating system said so (a 5xx, a 429, a
-timeout, a dropped connection, EIO/EAGAIN, ...: ``TransientStorageError``) or when a
-re-run builds on what made it fail (``ConflictError``). Everything else is not: a
+timeout, a dropped connection, EIO/EAGAIN, ...: ``TransientStorageError``). Everything
+else is not: a lost commit race (``ConflictError``: a re-run would replace the winner), a
 missing partition a re-run cannot create, corrupt data, a config mismatch, missing
 labels, a broken lineage, a bad spec -- retrying those only delays the red task."""
 
@@ -60,10 +60,10 @@ class GateError(KDError):
 class ConflictError(StorageError):
     """Another writer committed different content to the same partition first.
 
-    Transient: the loser's inputs changed under it, and a re-run reads them again and
-    builds on the winner (the optimistic-concurrency loop), as the message says."""
-
-    transient = True
+    Not transient: a re-run of the same step for the same day would not build on the
+    winner, it would replace it (a trainer's output is the day's checkpoint itself), which
+    is the lost write the generation check exists to prevent. Two writers disagreeing on
+    one output is for a person (or the orchestrator's next scheduled run) to settle."""
 
 
 def transient_os_error(e: OSError) -> bool:

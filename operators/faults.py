@@ -20,10 +20,10 @@ def no_retry(what: str) -> Iterator[None]:
     the fault is transient (``kdcore.errors.is_transient``).
 
     - A transient fault (TransientStorageError: GCS 5xx/429/timeouts, a dropped
-      connection, EIO/EAGAIN; ConflictError: a re-run builds on the winner) propagates and
+      connection, EIO/EAGAIN) propagates and
       Airflow retries the task with backoff: every task is idempotent, so a retry redoes
       only what did not land.
-    - Any other KDError (a missing partition, corrupt data, a config mismatch, missing
+    - Any other KDError (a lost commit race: a re-run would replace the winner; a missing partition, corrupt data, a config mismatch, missing
       labels, a broken lineage, a bad spec) fails at once: the inputs will not change.
     - Any exception kdcore did not raise on purpose (a bug, an optimizer's ValueError, a
       shape mismatch) fails at once too, with its traceback in the task log: the same code

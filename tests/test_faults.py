@@ -299,9 +299,9 @@ def test_two_racing_trainers_one_wins_the_other_conflicts_and_nothing_is_lost(kd
     D = kd.day(1)
     mat.materialize(kd.cfg, D)  # the labels both read (the same teacher and day)
     config = _racer_config(tmp_path)
-    # One attempt each: this test is about the conflict itself. By default the loser would
-    # retry it (a ConflictError is transient) and, re-run, build on the winner.
-    env = _env(kd.root, KD_RETRIES="0")
+    # The default retries stay on: a ConflictError is not transient, so the loser is not
+    # retried (a re-run would replace the winner's checkpoint).
+    env = _env(kd.root)
     uri = registry.checkpoint_uri(kd.cfg.root, "movielens", "racer", D)
     started = f"racer {D}: training racer"
 
