@@ -29,11 +29,12 @@ from kdcore.data import examples, synth
 from kdcore.distill.config import DistillConfig
 from kdcore.labels import encoding as enc
 from kdcore.labels.materialize import clip_to_range, label_schema
+from kdcore.models.inference import predict, set_determinism
 from kdcore.models.ranker import RankerConfig
 from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 from kdcore.training.data import DayData, load_days
-from kdcore.training.loop import fit, model_features, new_model, predict, set_determinism
+from kdcore.training.loop import fit, model_features, new_model
 
 
 def teacher_predictions(root: str, rows: int, train_rows: int) -> tuple[pa.Array, dict[str, np.ndarray]]:

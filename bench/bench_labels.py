@@ -46,9 +46,9 @@ from kdcore.models.features import (
     hash_categorical,
     hash_value,
 )
+from kdcore.models.inference import predict, set_determinism
 from kdcore.models.ranker import MultiTaskRanker
 from kdcore.storage import partition as part
-from kdcore.training.loop import predict, set_determinism
 
 REPO = Path(__file__).resolve().parents[1]
 READ_ROWS = 65_536

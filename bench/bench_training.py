@@ -34,10 +34,11 @@ from torch.nn import functional as F
 
 from kdcore.data import examples, synth
 from kdcore.models.features import FeatureSet
+from kdcore.models.inference import set_determinism
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
 from kdcore.sysinfo import peak_rss_mb
 from kdcore.training.data import DayStream, load_days, open_day
-from kdcore.training.loop import NO_KD, fit, fit_day, model_features, new_model, set_determinism
+from kdcore.training.loop import NO_KD, fit, fit_day, model_features, new_model
 
 DAY = dt.date(2026, 1, 1)
 SMALL_DAY = dt.date(2026, 1, 2)

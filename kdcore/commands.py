@@ -1,11 +1,11 @@
-"""Sub-commands of ``kd`` (registered on import by kdcore.cli.main)."""
+"""Sub-commands of ``kd`` (registered on import, through kdcore.cliparser; kdcore.cli imports this module)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from kdcore.cli import arg, command
+from kdcore.cliparser import arg, command
 
 
 @command("data", "movielens", help="publish MovieLens-100K as daily example partitions")

@@ -107,7 +107,7 @@ def test_label_manifest_metadata(kd: KD):
 
 
 def test_labels_are_the_teacher_predictions(kd: KD):
-    from kdcore.training.loop import predict
+    from kdcore.models.inference import predict
 
     cfg, B = kd.cfg, kd.B
     uri = mat.materialize(cfg, kd.day(1))["uri"]

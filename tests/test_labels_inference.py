@@ -23,8 +23,8 @@ from kdcore.models.features import (
     hash_categorical,
     hash_value,
 )
+from kdcore.models.inference import predict
 from kdcore.storage import partition as part
-from kdcore.training.loop import predict
 from tests.pipeline_fixtures import KD, kd, kd_base  # noqa: F401  (fixtures)
 
 # ---------------------------------------------------------------- hashing

@@ -23,8 +23,7 @@ from torch.nn import functional as F
 
 from kdcore.data.spec import Task
 from kdcore.models.checkpoint import model_from_bytes, model_to_bytes
-from kdcore.models.ranker import MultiTaskRanker, RankerConfig
-from kdcore.training.optim import (
+from kdcore.models.optim import (
     LRPolicy,
     global_step,
     load_optimizer_state,
@@ -33,6 +32,7 @@ from kdcore.training.optim import (
     optimizer_state_to_bytes,
     set_lr,
 )
+from kdcore.models.ranker import MultiTaskRanker, RankerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = [Task(name="click", kind="binary"), Task(name="wt", kind="regression")]

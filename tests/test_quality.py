@@ -13,10 +13,11 @@ from pydantic import ValidationError
 
 from kdcore.data.spec import DatasetSpec
 from kdcore.errors import SpecError
+from kdcore.quality.bins import bin_counts, categorical_counts, quantile_edges
 from kdcore.quality.gate import GateDecision, GatePolicy, Thresholds, evaluate_gate
 from kdcore.quality.labels_check import TeacherLineage, check_labels
-from kdcore.quality.profile import Profile, build_profile, quantile_edges
-from kdcore.quality.shift import bin_counts, categorical_counts, compare, js_divergence, psi
+from kdcore.quality.profile import Profile, build_profile
+from kdcore.quality.shift import compare, js_divergence, psi
 from kdcore.yamlconf import validate
 
 N = 20_000

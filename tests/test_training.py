@@ -16,12 +16,13 @@ from kdcore.errors import LineageError, StorageError
 from kdcore.labels import materialize as mat
 from kdcore.models import registry
 from kdcore.models.checkpoint import model_to_bytes
+from kdcore.models.inference import predict
 from kdcore.models.ranker import MultiTaskRanker
 from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 from kdcore.training import steps
 from kdcore.training.data import load_days
-from kdcore.training.loop import NO_KD, evaluate, fit, model_features, predict
+from kdcore.training.loop import NO_KD, evaluate, fit, model_features
 from tests.pipeline_fixtures import KD, kd, kd_base, local, tree_digest  # noqa: F401  (fixtures)
 
 DS = "movielens"

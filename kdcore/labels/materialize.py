@@ -29,9 +29,9 @@ from kdcore.labels import encoding as enc
 from kdcore.labels.store import labels_uri, shard_dir, shard_uri
 from kdcore.models import registry
 from kdcore.models.features import BucketCache, FeatureSet, encode_features
+from kdcore.models.inference import predict, set_determinism
 from kdcore.storage import partition as part
 from kdcore.storage.manifest import FileEntry, Manifest
-from kdcore.training.loop import predict, set_determinism
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from torch import nn
 
 from kdcore.data.spec import Task
 from kdcore.models.features import Features
-from kdcore.training.optim import LRPolicy, OptimizerImpl
-from kdcore.training.optim import make_optimizer as _make_optimizer
+from kdcore.models.optim import LRPolicy, OptimizerImpl
+from kdcore.models.optim import make_optimizer as _make_optimizer
 from kdcore.yamlconf import Strict
 
 _EMBEDDING_INIT_STD = 0.05

@@ -22,6 +22,7 @@ from kdcore.data.spec import DatasetSpec
 from kdcore.errors import LineageError, StorageError
 from kdcore.models.checkpoint import model_from_bytes, model_to_bytes
 from kdcore.models.features import FeatureSet
+from kdcore.models.optim import load_optimizer_state, optimizer_state_to_bytes
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, export_serving, make_optimizer
 from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
@@ -89,8 +90,6 @@ class Checkpoint:
         """The optimizer as the parent left it; a fresh one for checkpoints that hold no
         state (bootstrap or older layouts). Parameters the parent lacked (new auxiliary
         heads) start with fresh state."""
-        from kdcore.training.optim import load_optimizer_state
-
         opt = make_optimizer(model)
         state = self.meta.get("optimizer")
         if state is not None:
@@ -221,8 +220,6 @@ def publish_checkpoint(root: str, dataset: str, name: str, day: dt.date, model: 
                 serving_flops_per_example=model.flops_per_example(serving=True))
     blobs = {WEIGHTS: weights, **(extra_blobs or {})}
     if optimizer is not None:
-        from kdcore.training.optim import optimizer_state_to_bytes
-
         blobs[OPTIMIZER], meta["optimizer"] = optimizer_state_to_bytes(optimizer, model)
     if bool(len(model.aux_heads)):
         blobs[SERVING] = model_to_bytes(export_serving(model))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from kdcore.data.examples import duplicate_ids
 from kdcore.data.spec import DatasetSpec, Task, TaskKind
 from kdcore.errors import DataError
-from kdcore.quality.shift import as_float64
+from kdcore.quality.bins import as_float64
 
 N_DECILES = 10
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kdcore.data.spec import DatasetSpec, TaskKind
 from kdcore.errors import DataError
-from kdcore.quality.shift import as_float64, bin_counts
+from kdcore.quality.bins import as_float64, bin_counts, quantile_edges
 
 OTHER = "__other__"
 _SECONDS_PER_DAY = 86_400
@@ -84,17 +84,6 @@ class Profile(_Model):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def quantile_edges(values: np.ndarray, n_bins: int) -> list[float]:
-    """Interior cut points at the 1/n .. (n-1)/n quantiles of the finite values, deduplicated
-    (a constant column gets one edge; an empty one none). `inverted_cdf` picks observed
-    values, so discrete features (0/1 flags, years) get edges on their own values."""
-    v = values[np.isfinite(values)]
-    if v.size == 0 or n_bins < 2:
-        return []
-    q = np.arange(1, n_bins) / n_bins
-    return [float(e) for e in np.unique(np.quantile(v, q, method="inverted_cdf"))]
 
 
 def _day_numbers(col: pa.ChunkedArray) -> np.ndarray:

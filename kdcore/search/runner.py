@@ -124,9 +124,10 @@ class PipelineTrainer:
     def prepare(self) -> float:
         """Base root: examples of the validation days; student and control bootstrapped
         once on the student's window (hard labels only, as the pipeline does)."""
+        from kdcore.models.inference import set_determinism
         from kdcore.training import steps
         from kdcore.training.data import load_days
-        from kdcore.training.loop import NO_KD, set_determinism
+        from kdcore.training.loop import NO_KD
 
         t0 = self._clock()
         cfg = self.pipeline(None)
@@ -160,9 +161,10 @@ class PipelineTrainer:
         """Copy the student's bootstrap checkpoint and the validation examples into the
         candidate's root, then train its teacher on its own window."""
         from kdcore.models import registry
+        from kdcore.models.inference import set_determinism
         from kdcore.training import steps
         from kdcore.training.data import load_days
-        from kdcore.training.loop import NO_KD, set_determinism
+        from kdcore.training.loop import NO_KD
 
         t0 = self._clock()
         c, cfg, base = self.cands[cid], self.pipeline(cid), self.pipeline(None)

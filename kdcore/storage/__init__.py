@@ -1,6 +1,5 @@
 """Object storage: URIs, atomic partition publishing, manifest-driven reads."""
 
-from kdcore.storage.fs import join, normalize
 from kdcore.storage.manifest import Manifest
 from kdcore.storage.partition import (
     PartitionWriter,
@@ -14,6 +13,7 @@ from kdcore.storage.partition import (
     read_manifest,
     read_table,
 )
+from kdcore.storage.uri import join, normalize
 
 __all__ = ["Manifest", "PartitionWriter", "is_published", "iter_batches", "join",
            "list_partitions", "normalize", "publish_batches", "publish_blobs", "publish_table",

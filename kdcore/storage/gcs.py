@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from kdcore.errors import ConflictError, StorageError, storage_error
+from kdcore.storage.uri import parse
 
 
 @lru_cache(maxsize=4)
@@ -25,8 +26,6 @@ def _client(endpoint: str | None):
 
 
 def _blob(uri: str):
-    from kdcore.storage.fs import parse  # fs imports this module
-
     scheme, path = parse(uri)
     bucket, _, name = path.partition("/")
     if scheme != "gs":

@@ -1,5 +1,6 @@
 """The inner loop shared by teacher and students: seeded minibatch training with a
-declarative distillation loss, batched inference, and progressive evaluation.
+declarative distillation loss, and progressive evaluation (batched inference is
+:mod:`kdcore.models.inference`, which the labels use too).
 
 A day held whole (:class:`DayData`) is shuffled whole; a day larger than the model's
 ``shuffle_window_rows`` (:class:`DayStream`) is trained window by window, each window
@@ -24,9 +25,10 @@ from kdcore.distill.losses import distillation_loss
 from kdcore.errors import KDError
 from kdcore.evaluation.metrics import task_metrics
 from kdcore.models.features import Features, FeatureSet
+from kdcore.models.inference import predict
+from kdcore.models.optim import lr_at, set_lr
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
 from kdcore.training.data import DayData, DayStream
-from kdcore.training.optim import lr_at, set_lr
 
 log = logging.getLogger(__name__)
 NO_KD = DistillConfig(mode="none")
@@ -35,12 +37,6 @@ PROGRESS_SECONDS = 10.0  # a progress line at most this often inside a long epoc
 
 class TrainingDiverged(KDError):
     """Loss or weights became non-finite; the checkpoint must not be published."""
-
-
-def set_determinism(threads: int) -> None:
-    """Same inputs, same bytes: fixed thread count and deterministic kernels."""
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
 
 
 def new_model(cfg: RankerConfig, spec: DatasetSpec, aux_heads: bool | list[str], data: DayData | DayStream,
@@ -62,18 +58,6 @@ def new_model(cfg: RankerConfig, spec: DatasetSpec, aux_heads: bool | list[str],
 
 def model_features(model: MultiTaskRanker, data: DayData) -> Features:
     return data.features(model.config.hash_buckets, FeatureSet.of(data.spec, model.config.features))
-
-
-@torch.inference_mode()
-def predict(model: MultiTaskRanker, features: Features, batch_rows: int = 65_536) -> dict[str, np.ndarray]:
-    model.eval()
-    outs: dict[str, list[np.ndarray]] = {t.name: [] for t in model.tasks}
-    for start in range(0, len(features), batch_rows):
-        cat = torch.from_numpy(features.cat[start:start + batch_rows])
-        num = torch.from_numpy(features.num[start:start + batch_rows])
-        for name, pred in model.predict(cat, num).items():
-            outs[name].append(pred.numpy())
-    return {k: (np.concatenate(v) if v else np.zeros(0, np.float32)).astype(np.float32) for k, v in outs.items()}
 
 
 def evaluate(model: MultiTaskRanker, data: DayData | DayStream) -> dict[str, dict[str, float]]:

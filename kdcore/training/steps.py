@@ -27,10 +27,11 @@ from kdcore.errors import DataError, SpecError, StorageError
 from kdcore.labels.join import load_aligned, load_joined
 from kdcore.labels.store import check_labels_for
 from kdcore.models import registry
+from kdcore.models.inference import predict, set_determinism
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
 from kdcore.storage import partition as part
 from kdcore.training.data import DayData, DayStream, load_days, open_day
-from kdcore.training.loop import NO_KD, evaluate, fit_day, model_features, new_model, predict, set_determinism
+from kdcore.training.loop import NO_KD, evaluate, fit_day, model_features, new_model
 
 GateAction = Literal["distill", "hard_labels_only", "skip_students"]
 log = logging.getLogger(__name__)

@@ -15,7 +15,9 @@ distillation mode) can still be matched tensor by tensor, and a mismatch can be
 reported by name. Restoring is exact: training N steps, saving, loading in another
 process and training M more gives bit-identical weights to training N+M at once.
 
-This module imports nothing from ``kdcore.models`` (the ranker imports it).
+It lives beside the model because both ends of a checkpoint need it: the ranker's config
+names the optimizer and builds it, the registry stores and restores its state. It imports
+nothing else of ``kdcore.models`` (the ranker imports it).
 """
 
 from __future__ import annotations
