@@ -1,6 +1,7 @@
 """The typed records the daily stages hand each other (and the DAG's tasks pass through
 XCom as JSON): which teacher labelled a day, where the labels are, what the gate decided,
-what a student is asked to train on, and the checkpoint a stage produced.
+and what a student is asked to train on. (A teacher's or student's day step hands on its
+summary dict, whose ``reused`` says whether it trained.)
 
 One module on the ground floor (it imports nothing of kdcore), so every stage, the
 orchestration above them and the UI spell a record's keys in one place. Paths inside
@@ -66,17 +67,6 @@ class LabelsRef(Record):
     rows: int | None = None
     bytes: int | None = None
     changed: bool = False
-    reused: bool = False
-
-
-class CheckpointRef(Record):
-    """A checkpoint a stage published (or found and reused)."""
-
-    name: str
-    version: str
-    path: str
-    trained_through: str
-    parent: str | None = None
     reused: bool = False
 
 
