@@ -19,10 +19,14 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset, AssetAlias, PokeReturnValue, TriggerRule, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+if TYPE_CHECKING:  # kdcore is imported inside the tasks only
+    from kdcore.flow.stage import Run
+    from kdcore.records import GateDecision
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,6 @@ STAGES = ("teacher", "labels", "gate", "students", "report")
 STAGE_LABELS = {"teacher": "teacher: refresh the teacher on D", "labels": "labels: materialize D's teacher labels",
                 "gate": "gate: data-quality gate", "students": "students: train students + controls",
                 "report": "report: rebuild the report"}
-
 # Concurrent runs of kd_daily (see dags/kd_daily.py and docs/airflow.md, "Concurrent runs").
 MAX_ACTIVE_RUNS = 3
 POOL = "kd_training"
@@ -148,7 +151,7 @@ def _day(plan: dict[str, Any]) -> dt.date:
     return dt.date.fromisoformat(plan["date"])
 
 
-def _run(plan: dict[str, Any]):
+def _run(plan: dict[str, Any]) -> Run:
     """The plan as the graph's walk of one day (each task runs one of its stages)."""
     from kdcore.flow.stage import Run
 
@@ -156,7 +159,7 @@ def _run(plan: dict[str, Any]):
                plan["teacher_version"], bool(plan["force"]))
 
 
-def _stage(name: str, run: Any, given: dict[str, Any] | None = None) -> Any:
+def _stage(name: str, run: Run, given: dict[str, Any] | None = None) -> Any:
     """Run the graph's stage ``name`` with the upstream outputs ``given`` (from XCom)."""
     from kdcore.flow import graph
 
@@ -480,7 +483,7 @@ def train_student(plan: dict[str, Any], name: str, **context: Any) -> dict[str, 
     return out
 
 
-def _gate_record(run: Any, decision: dict[str, Any]):
+def _gate_record(run: Run, decision: dict[str, Any]) -> GateDecision:
     """The gate's typed record from its XCom. A decision pushed without one (by a worker
     of the previous version, during an upgrade) is rebuilt from its flat keys."""
     from kdcore.flow import graph
