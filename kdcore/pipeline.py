@@ -7,7 +7,6 @@ and is idempotent for the same inputs."""
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,7 +18,6 @@ from kdcore.labels import materialize as mat
 from kdcore.storage import fs as sfs
 from kdcore.training import steps
 
-log = logging.getLogger(__name__)
 STAGES = graph.STAGES
 
 
