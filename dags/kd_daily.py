@@ -80,7 +80,7 @@ def kd_daily():
     choice = t.choose_teacher(plan)
     shards = t.materialize_shard.partial(plan=plan).expand_kwargs(choice)
     labels = t.commit_labels(plan, choice)
-    decision = t.quality_gate(plan)
+    decision = t.quality_gate(plan, labels)  # the labels the commit made, not looked up again
     students = t.train_student.partial(plan=plan).expand(name=t.student_fanout(plan))
     report = t.report(plan)
     ready >> teacher >> choice

@@ -194,13 +194,14 @@ def labels_commit(args: argparse.Namespace) -> int:
 @arg("--action", choices=["distill", "hard_labels_only", "skip_students"], default="distill")
 @arg("--force", action="store_true")
 def student_train(args: argparse.Namespace) -> int:
-    from kdcore.pipeline import find_labels
-    from kdcore.training.steps import student_step
+    from kdcore.flow import graph
+    from kdcore.records import TrainingRequest
 
     cfg = _cfg(args)
-    s = cfg.student(args.name)
-    labels = find_labels(cfg, args.date, args.teacher_version) if s.distill.uses_teacher else None
-    _print(student_step(cfg, args.name, args.date, labels, args.action, args.force))
+    labels = graph.find_labels(cfg, args.date, args.teacher_version) \
+        if cfg.student(args.name).distill.uses_teacher else None
+    _print(graph.train(cfg, TrainingRequest(name=args.name, date=args.date.isoformat(), labels=labels,
+                                            action=args.action, force=args.force)))
     return 0
 
 

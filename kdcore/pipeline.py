@@ -1,24 +1,24 @@
-"""The daily KD pipeline for one date D, as plain functions (the CLI and the Airflow
-tasks call these): teacher refresh → labels (sharded, one commit) → quality gate →
-students + control → report. Every function takes the config and a date, returns a
-JSON-serializable summary, and is idempotent for the same inputs."""
+"""The daily KD pipeline for one date D (``kd run``): a walk of the stage graph
+(:mod:`kdcore.flow.graph`: validate → teacher refresh → labels (sharded, one commit) →
+quality gate → students + control → report), and the single steps the other commands
+call. Every function takes the config and a date, returns a JSON-serializable summary,
+and is idempotent for the same inputs."""
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from collections.abc import Iterable
 from typing import Any
 
 from kdcore.config import PipelineConfig
 from kdcore.errors import KDError
+from kdcore.flow import graph
+from kdcore.flow.stage import Run
 from kdcore.labels import materialize as mat
-from kdcore.labels.store import labels_uri
-from kdcore.storage import partition as part
+from kdcore.storage import fs as sfs
 from kdcore.training import steps
 
-log = logging.getLogger(__name__)
-STAGES = ("teacher", "labels", "gate", "students", "report")
+STAGES = graph.STAGES
 
 
 def refresh_teacher(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict[str, Any]:
@@ -31,20 +31,8 @@ def materialize_labels(cfg: PipelineConfig, day: dt.date, teacher_version: str |
 
 
 def find_labels(cfg: PipelineConfig, day: dt.date, teacher_version: str | None = None) -> str:
-    """URI of the committed labels the students of ``day`` read (chosen like the
-    materialization chooses its teacher, so both agree without passing state)."""
-    version = mat.choose_teacher(cfg, day, teacher_version).version
-    uri = labels_uri(cfg.root, cfg.spec.name, day, version)
-    if not part.is_published(uri):
-        raise KDError(f"labels of teacher {version} for {day} are not materialized ({uri}); "
-                      f"run `kd labels materialize --date {day}` first")
-    return uri
-
-
-def gate(cfg: PipelineConfig, day: dt.date, labels: str) -> dict[str, Any]:
-    from kdcore.quality.daily import run_gate
-
-    return run_gate(cfg, day, labels)
+    """URI of the committed labels the students of ``day`` read (:func:`graph.find_labels`)."""
+    return sfs.absolute(cfg.root, graph.find_labels(cfg, day, teacher_version).path)
 
 
 def train_students(cfg: PipelineConfig, day: dt.date, labels: str | None, action: steps.GateAction,
@@ -56,31 +44,20 @@ def train_students(cfg: PipelineConfig, day: dt.date, labels: str | None, action
 def run_day(cfg: PipelineConfig, day: dt.date, stages: Iterable[str] = STAGES,
             students: Iterable[str] | None = None, teacher_version: str | None = None,
             force: bool = False) -> dict[str, Any]:
-    from kdcore.data.validate import ensure_valid
-
-    stages = set(stages)
-    out: dict[str, Any] = {"date": day.isoformat()}
-    # A day that breaks the data contract stops here, before the teacher trains on it: the
-    # stale-teacher fallback below is for a failed refresh, never for bad data.
-    out["examples"] = ensure_valid(cfg.root, cfg.spec, day, record=True)
-    if "teacher" in stages and not teacher_version:
-        try:
-            out["teacher"] = refresh_teacher(cfg, day, force)
-        except KDError as e:  # the last good teacher stays in use, within the staleness policy
-            log.error("teacher refresh for %s failed: %s", day, e)
-            out["teacher"] = {"error": str(e)}
-    if "labels" in stages:
-        out["labels"] = materialize_labels(cfg, day, teacher_version, force)
-    needs_labels = any(s.distill.uses_teacher for s in cfg.students)
-    labels = None
-    if needs_labels and {"gate", "students"} & stages:  # the commit just made names them already
-        labels = out["labels"]["uri"] if "labels" in out else find_labels(cfg, day, teacher_version)
-    action: steps.GateAction = "distill"
-    if "gate" in stages and labels:
-        out["gate"] = gate(cfg, day, labels)
-        action = out["gate"]["action"]
-    if "students" in stages:
-        out["students"] = train_students(cfg, day, labels, action, students, force)
+    """One walk of the graph's per-day stages over ``day``; the JSON summary ``kd run`` prints."""
+    outputs = graph.walk_day(Run(cfg, day, frozenset(stages), tuple(students) if students else None,
+                                 teacher_version, force))
+    out: dict[str, Any] = {"date": day.isoformat(), "examples": outputs["validate"]}
+    if "teacher" in outputs:
+        out["teacher"] = outputs["teacher"]
+    if "labels" in outputs:
+        ref = outputs["labels"]
+        out["labels"] = mat.labels_summary(sfs.absolute(cfg.root, ref.path), ref)
+    decision = outputs.get("gate")
+    if decision is not None and decision.status != "not_run":  # only a gate that ran is shown
+        out["gate"] = decision.result()
+    if "students" in outputs:
+        out["students"] = outputs["students"]
     return out
 
 
@@ -100,11 +77,11 @@ def run(cfg: PipelineConfig, start: dt.date, end: dt.date, progress: bool = True
 
         with tqdm(days, desc="kd run", unit="day") as bar:  # closed (own line) before an error is printed
             results = [run_day(cfg, d, **kwargs) for d in bar]
-    if "report" in set(kwargs.get("stages", STAGES)):
-        # The report covers every published day, so it is built once, after the last day,
-        # not once per day; it is attached to the last day's result.
-        from kdcore.report.build import build_report
-
-        rep = build_report(cfg)
-        results[-1]["report"] = {"uri": rep["uri"], "files": rep.get("files")}
+    # The stages that cover every published day (the report) run once, after the last day,
+    # not once per day; their results are attached to the last day's result.
+    last = Run(cfg, days[-1], frozenset(kwargs.get("stages", STAGES)))
+    for stage in graph.GRAPH:
+        if not stage.per_day and stage.is_wanted(last):
+            rep = graph.run_stage(stage, last, {})
+            results[-1][stage.name] = {"uri": rep["uri"], "files": rep.get("files")}
     return results

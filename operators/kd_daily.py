@@ -19,16 +19,22 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset, AssetAlias, PokeReturnValue, TriggerRule, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from operators.faults import no_retry as _no_retry  # only transient faults are retried
 
+if TYPE_CHECKING:  # kdcore is imported inside the tasks only
+    from kdcore.flow.stage import Run
+    from kdcore.records import GateDecision
+
 log = logging.getLogger(__name__)
 
-# Mirrors kdcore.pipeline.STAGES (checked by tests/test_dag_integrity.py; not imported: heavy).
+# Mirrors kdcore.flow.graph.STAGES and STAGE_LABELS, the stages a run may select (checked by
+# tests/test_dag_integrity.py and tests/test_graph.py; not imported: the DAG file imports no
+# kdcore at parse time).
 STAGES = ("teacher", "labels", "gate", "students", "report")
 STAGE_LABELS = {"teacher": "teacher: refresh the teacher on D", "labels": "labels: materialize D's teacher labels",
                 "gate": "gate: data-quality gate", "students": "students: train students + controls",
@@ -145,6 +151,21 @@ def _cfg(plan: dict[str, Any]):
 
 def _day(plan: dict[str, Any]) -> dt.date:
     return dt.date.fromisoformat(plan["date"])
+
+
+def _run(plan: dict[str, Any]) -> Run:
+    """The plan as the graph's walk of one day (each task runs one of its stages)."""
+    from kdcore.flow.stage import Run
+
+    return Run(_cfg(plan), _day(plan), frozenset(plan["stages"]), tuple(plan["students"]) or None,
+               plan["teacher_version"], bool(plan["force"]))
+
+
+def _stage(name: str, run: Run, given: dict[str, Any] | None = None) -> Any:
+    """Run the graph's stage ``name`` with the upstream outputs ``given`` (from XCom)."""
+    from kdcore.flow import graph
+
+    return graph.run_stage(graph.BY_NAME[name], run, given or {})
 
 
 def _label(text: str) -> None:
@@ -286,13 +307,12 @@ def wait_for_examples(plan: dict[str, Any], **context: Any) -> PokeReturnValue:
 def _validate(plan: dict[str, Any]) -> None:
     """Check D's examples against the dataset contract; a failing day fails the task at
     once (no retry can fix data) with the error naming the file, column and an example."""
-    from kdcore.data.validate import ensure_valid
     from kdcore.errors import DataError
 
     with _no_retry("pipeline config"):
-        cfg = _cfg(plan)
+        run = _run(plan)
     try:
-        out = ensure_valid(cfg.root, cfg.spec, _day(plan), record=True)
+        out = _stage("validate", run)
     except DataError as e:
         raise AirflowFailException(f"examples of {plan['date']} fail validation, nothing trains on them: {e}") from None
     log.info("examples of %s valid: %d rows (examples %s)", plan["date"], out["rows"], out["examples_sha256"][:12])
@@ -308,10 +328,8 @@ def refresh_teacher(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
         raise AirflowSkipException("stage 'teacher' not selected")
     if plan["teacher_version"]:
         raise AirflowSkipException(f"teacher pinned to {plan['teacher_version']}: no refresh")
-    from kdcore import pipeline
-
     with _task_body(f"teacher refresh for {plan['date']}"):
-        out = pipeline.refresh_teacher(_cfg(plan), _day(plan), plan["force"])
+        out = _stage("teacher", _run(plan))
     context["outlet_events"][TEACHER_ASSET].extra = {
         "date": plan["date"], "version": out["version"], "uri": out["uri"], "parent": out.get("parent")}
     return out
@@ -382,35 +400,33 @@ def commit_labels(plan: dict[str, Any], shards: list[dict[str, Any]], **context:
 
 
 @task(task_id=GATE_TASK_ID, trigger_rule=TriggerRule.NONE_FAILED)
-def quality_gate(plan: dict[str, Any], **context: Any) -> dict[str, Any]:
+def quality_gate(plan: dict[str, Any], labels: dict[str, Any] | None = None, **context: Any) -> dict[str, Any]:
     """Decide what the students do on D: pass / warn (distil, warning logged) / fail.
     Labels from a stale (fallback) teacher warn at least; the decision carries
     ``teacher_stale`` and ``teacher_version`` (None when no labels are used).
 
     The decision is pushed to XCom (key ``decision``) in every case. On ``fail`` the task
     then fails (red in the UI, no retry: the data will not change) and the students react
-    per the action (train on hard labels only, or skip)."""
+    per the action (train on hard labels only, or skip).
+
+    ``labels`` is ``commit_labels``' output (None when this run commits no labels: the
+    gate stage then reads the labels committed for D already). The decision's typed
+    record travels under ``record``; the flat keys are what logs, tests and the UI read."""
     plan = _require_plan(plan, GATE_TASK_ID)
-    if not {"gate", "students"} & set(plan["stages"]):
-        raise AirflowSkipException("stages 'gate' and 'students' not selected")
-    from kdcore import pipeline
+    from kdcore.flow import graph
+    from kdcore.storage import fs as sfs
 
     with _task_body(f"quality gate for {plan['date']}"):
-        cfg, day = _cfg(plan), _day(plan)
-        needs_labels = any(s.distill.uses_teacher for s in cfg.students)
-        labels = pipeline.find_labels(cfg, day, plan["teacher_version"]) if needs_labels else None
-        result = pipeline.gate(cfg, day, labels) if "gate" in plan["stages"] and labels else None
-    if result is None:
-        why = "no student uses teacher labels" if not labels else "stage 'gate' not selected"
-        result = {"status": "not_run", "action": "distill", "summary": why}
-        if labels:  # no gate, but the fallback stays visible
-            from kdcore.storage.partition import read_manifest
-
-            meta = read_manifest(labels).metadata
-            result.update(teacher_version=meta.get("teacher_version"), teacher_stale=meta.get("teacher_stale"),
-                          staleness_days=meta.get("staleness_days"))
-    decision = {**result, "date": plan["date"], "labels_uri": labels,
-                "teacher_stale": result.get("teacher_stale"), "teacher_version": result.get("teacher_version")}
+        run = _run(plan)
+        if not graph.BY_NAME["gate"].is_wanted(run):
+            raise AirflowSkipException("stages 'gate' and 'students' not selected")
+        committed = graph.labels_at(run.cfg, labels["uri"]) if labels else None
+        record = _stage("gate", run, {"labels": committed})
+    day, result = run.day, record.result()
+    decision = {**result, "date": plan["date"],
+                "labels_uri": sfs.absolute(run.cfg.root, record.labels.path) if record.labels else None,
+                "teacher_stale": result.get("teacher_stale"), "teacher_version": result.get("teacher_version"),
+                "record": record.model_dump(mode="json")}
     context["ti"].xcom_push(key=DECISION_KEY, value=decision)
     status, action = decision["status"], decision["action"]
     if decision["teacher_stale"]:
@@ -440,16 +456,30 @@ def train_student(plan: dict[str, Any], name: str, **context: Any) -> dict[str, 
     action = decision["action"]
     if action == "skip_students":
         raise AirflowSkipException(f"gate {decision['status']}: students do not train on {plan['date']}")
-    from kdcore.training import steps
+    from kdcore.flow import graph
 
     with _task_body(f"student '{name}' on {plan['date']}"):
-        cfg = _cfg(plan)
-        labels = decision.get("labels_uri") if cfg.student(name).distill.uses_teacher else None
-        out = steps.student_step(cfg, name, _day(plan), labels, action, plan["force"])
+        run = _run(plan)
+        request = graph.training_request(run, name, _gate_record(run, decision))
+        out = graph.train(run.cfg, request)
     context["outlet_events"][STUDENTS_ALIAS].add(student_asset(name), extra={
         "date": plan["date"], "student": name, "version": out.get("version"), "uri": out.get("uri"),
         "action": action})
     return out
+
+
+def _gate_record(run: Run, decision: dict[str, Any]) -> GateDecision:
+    """The gate's typed record from its XCom. A decision pushed without one (by a worker
+    of the previous version, during an upgrade) is rebuilt from its flat keys."""
+    from kdcore.flow import graph
+    from kdcore.records import GateDecision
+
+    if "record" in decision:
+        return GateDecision.model_validate(decision["record"])
+    labels = graph.labels_at(run.cfg, decision["labels_uri"]) if decision.get("labels_uri") else None
+    return GateDecision(date=decision["date"], status=decision["status"], action=decision["action"],
+                        summary=decision.get("summary") or "", labels=labels,
+                        lineage=labels.lineage if labels else None)
 
 
 @task(task_id="report", trigger_rule=TriggerRule.NONE_FAILED)
@@ -458,10 +488,8 @@ def report(plan: dict[str, Any]) -> dict[str, Any]:
     plan = _require_plan(plan, "report")
     if "report" not in plan["stages"]:
         raise AirflowSkipException("stage 'report' not selected")
-    from kdcore.report.build import build_report
-
     with _task_body("report"):
-        out = build_report(_cfg(plan))
+        out = _stage("report", _run(plan))
     log.info("report for %s written to %s\n%s", plan["date"], out["uri"], out.get("markdown", ""))
     stale = out.get("stale_teacher_days") or []
     if stale:

@@ -16,6 +16,8 @@ from kdcore.config import load_pipeline
 from kdcore.errors import KDError, SpecError
 from kdcore.labels.store import labels_uri, list_label_versions, shard_uri
 from kdcore.models import registry
+from kdcore.quality import daily
+from kdcore.records import GateDecision
 from kdcore.report.build import build_report
 from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
@@ -137,9 +139,9 @@ def pass_gate(monkeypatch):
 
     def gate(cfg, day, labels):
         calls.append((day, labels))
-        return {"status": "pass", "action": "distill"}
+        return GateDecision(date=day.isoformat(), status="pass", action="distill", summary="")
 
-    monkeypatch.setattr(pipeline, "gate", gate)
+    monkeypatch.setattr(daily, "decide", gate)  # the gate stage's computation
     return calls
 
 
@@ -232,9 +234,9 @@ def test_run_day_follows_the_gate_action(kd: KD, monkeypatch, action):
 
     def fake_gate(cfg, day, labels):
         seen.append(labels)
-        return {"status": "fail", "action": action}
+        return GateDecision(date=day.isoformat(), status="fail", action=action, summary="")
 
-    monkeypatch.setattr(pipeline, "gate", fake_gate)
+    monkeypatch.setattr(daily, "decide", fake_gate)
     D = kd.day(1)
     out = pipeline.run_day(kd.cfg, D)
     assert seen == [out["labels"]["uri"]]

@@ -17,7 +17,9 @@ import pytest
 
 from kdcore import pipeline
 from kdcore.errors import KDError
+from kdcore.quality import daily
 from kdcore.quality.daily import run_gate
+from kdcore.records import GateDecision
 from kdcore.report.build import build_report
 from kdcore.storage import partition as part
 from kdcore.training import steps
@@ -118,7 +120,8 @@ def test_stale_dates_from_student_checkpoints_without_a_gate(kd: KD, monkeypatch
     from kdcore.report import build, collect
 
     cfg, d2 = kd.cfg, kd.day(2)
-    monkeypatch.setattr(pipeline, "gate", lambda cfg, day, labels: {"status": "pass", "action": "distill"})
+    monkeypatch.setattr(daily, "decide", lambda cfg, day, labels: GateDecision(
+        date=day.isoformat(), status="pass", action="distill", summary=""))
     out = pipeline.run_day(cfg, d2, stages=("labels", "gate", "students"))  # teacher through B: 2 days stale
     assert out["labels"]["teacher_stale"] is True
     rows = collect.metric_rows(cfg)

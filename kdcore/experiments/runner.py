@@ -49,6 +49,8 @@ from kdcore.config import PipelineConfig
 from kdcore.data import examples
 from kdcore.errors import LineageError
 from kdcore.evaluation.metrics import task_metrics
+from kdcore.flow import graph
+from kdcore.flow.stage import Run
 from kdcore.labels import materialize as mat
 from kdcore.labels.join import load_joined
 from kdcore.labels.store import labels_uri
@@ -396,8 +398,7 @@ def tune(st: Settings, ds: Dataset, base: Path, progress: bool = True) -> dict[s
             steps.bootstrap(cfg, tune_days[0] - dt.timedelta(days=1) if ds.tune else ds.boot_through, names=[kind])
             nes, aucs = [], []
             for day in tune_days:
-                labels = pipeline.find_labels(cfg, day, label_teacher(cfg, day)) if kind != CONTROL else None
-                res = pipeline.train_students(cfg, day, labels, "distill", [kind])[kind]
+                res = _train_day(cfg, day, [kind])[kind]
                 meta = registry.find_checkpoint(cfg.root, ds.name, kind, day).meta
                 assert res["version"] == meta["version"]
                 nes.append(_served(meta, task, "ne"))
@@ -431,9 +432,14 @@ def run_seed(st: Settings, ds: Dataset, base: Path, seed: int, timings: Timings,
         it = tqdm(ds.daily, desc=f"{ds.name} seed {seed}", unit="day")
     for day in it:
         for g in gs:
-            cfg = cfgs[g.key]
-            labels = pipeline.find_labels(cfg, day, label_teacher(cfg, day))
-            pipeline.train_students(cfg, day, labels, "distill", g.students)
+            _train_day(cfgs[g.key], day, g.students)
+
+
+def _train_day(cfg: PipelineConfig, day: dt.date, students: list[str]) -> dict[str, Any]:
+    """The pipeline's own walk of ``day`` for ``students`` only (no gate: the study
+    distils every day), from the labels of the study's teacher (:func:`label_teacher`)."""
+    run = Run(cfg, day, frozenset({"students"}), tuple(students), label_teacher(cfg, day))
+    return graph.walk_day(run)["students"]
 
 
 def run_shared_labels(st: Settings, ds: Dataset, base: Path, timings: Timings, tuning: dict[str, Any]) -> dict[str, Any]:

@@ -26,10 +26,11 @@ from kdcore.data.spec import DatasetSpec
 from kdcore.data.validate import ensure_valid
 from kdcore.errors import DataError, LineageError, SpecError, StorageError
 from kdcore.labels import encoding as enc
-from kdcore.labels.store import labels_uri, shard_dir, shard_uri
+from kdcore.labels.store import labels_ref, labels_uri, shard_dir, shard_uri
 from kdcore.models import registry
 from kdcore.models.features import BucketCache, FeatureSet, encode_features
 from kdcore.models.inference import predict, set_determinism
+from kdcore.records import LabelLineage, LabelsRef
 from kdcore.storage import partition as part
 from kdcore.storage.manifest import FileEntry, Manifest
 
@@ -194,14 +195,19 @@ def label_metadata(cfg: PipelineConfig, teacher: registry.Checkpoint, day: dt.da
     The per-task codecs (``label_encoding``) are part of it: labels stored in another
     encoding are other labels, so they are not reused, and the manifest digest that
     students record changes with them."""
-    staleness = (day - teacher.trained_through).days
-    return {"kind": "teacher_labels", "dataset": cfg.spec.name, "date": day.isoformat(),
-            "teacher_version": teacher.version,
+    lineage = LabelLineage.of(teacher.version, teacher.trained_through, day, cfg.policies.label_lag_days)
+    return {"kind": "teacher_labels", "dataset": cfg.spec.name, "date": day.isoformat(), **lineage.metadata(),
             "teacher_path": registry.checkpoint_path(cfg.spec.name, teacher.meta["name"], teacher.trained_through),
-            "teacher_trained_through": teacher.trained_through.isoformat(),
-            "staleness_days": staleness, "expected_staleness_days": cfg.policies.label_lag_days,
-            "teacher_stale": staleness > cfg.policies.label_lag_days, "examples_sha256": examples_digest,
+            "examples_sha256": examples_digest,
             enc.METADATA_KEY: enc.codecs(cfg.spec, cfg.labels.encoding, cfg.labels.logit_eps)}
+
+
+def labels_summary(uri: str, ref: LabelsRef) -> dict[str, Any]:
+    """``commit``'s and ``materialize``'s JSON result (what ``kd labels`` prints)."""
+    out = {"uri": uri, "rows": ref.rows, "teacher_version": ref.lineage.teacher_version,
+           "changed": ref.changed, "staleness_days": ref.lineage.staleness_days,
+           "teacher_stale": ref.lineage.teacher_stale, "bytes": ref.bytes}
+    return {**out, "reused": True} if ref.reused else out
 
 
 def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int) -> dict[str, Any]:
@@ -248,9 +254,7 @@ def commit(cfg: PipelineConfig, day: dt.date, teacher_version: str, shards: int)
              day, rows, shards, teacher_version, manifest.metadata["staleness_days"],
              ", STALE FALLBACK teacher" if manifest.metadata["teacher_stale"] else "",
              "" if changed else "; identical to the labels already committed")
-    return {"uri": uri, "rows": rows, "teacher_version": teacher_version, "changed": changed,
-            "staleness_days": manifest.metadata["staleness_days"],
-            "teacher_stale": manifest.metadata["teacher_stale"], "bytes": manifest.bytes}
+    return labels_summary(uri, labels_ref(cfg.root, uri, manifest, changed=changed))
 
 
 def materialize(cfg: PipelineConfig, day: dt.date, teacher_version: str | None = None,
@@ -270,9 +274,7 @@ def materialize(cfg: PipelineConfig, day: dt.date, teacher_version: str | None =
         if m.metadata.get("examples_sha256") == current and same_encoding:  # same teacher, examples, encoding
             log.info("labels %s: reusing %d rows already committed by teacher %s for these examples", day, m.rows,
                      version)
-            return {"uri": uri, "rows": m.rows, "teacher_version": version, "changed": False, "reused": True,
-                    "staleness_days": m.metadata.get("staleness_days"),
-                    "teacher_stale": m.metadata.get("teacher_stale"), "bytes": m.bytes}
+            return labels_summary(uri, labels_ref(cfg.root, uri, m, reused=True))
     for i in range(shards):
         materialize_shard(cfg, day, i, shards, version)
     return commit(cfg, day, version, shards)

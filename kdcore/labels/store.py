@@ -10,6 +10,7 @@ import datetime as dt
 
 from kdcore.data.examples import parse_date
 from kdcore.errors import DataError
+from kdcore.records import LabelLineage, LabelsRef
 from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 from kdcore.storage.manifest import Manifest
@@ -65,3 +66,10 @@ def check_labels_for(uri: str, dataset: str, day: dt.date, examples_digest: str,
         raise DataError(f"labels at {uri} were scored by teacher {meta.get('teacher_version')}, not by the "
                         f"{folder[len('teacher='):]} their folder names; {fix}")
     return manifest
+
+
+def labels_ref(root: str, uri: str, manifest: Manifest, changed: bool = False, reused: bool = False) -> LabelsRef:
+    """The reference to committed labels that the stages after the commit take."""
+    return LabelsRef(path=sfs.relative(root, uri), date=manifest.metadata["date"],
+                     lineage=LabelLineage.from_metadata(manifest.metadata), rows=manifest.rows,
+                     bytes=manifest.bytes, changed=changed, reused=reused)

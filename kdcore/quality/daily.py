@@ -27,10 +27,11 @@ from kdcore.errors import LineageError, StorageError
 from kdcore.labels.encoding import decode_labels
 from kdcore.labels.store import check_labels_for
 from kdcore.models import registry
-from kdcore.quality.gate import CheckResult, evaluate_gate
+from kdcore.quality.gate import CheckResult, evaluate_gate, with_expectations
 from kdcore.quality.labels_check import TeacherLineage, check_labels
 from kdcore.quality.profile import Profile, build_profile
 from kdcore.quality.shift import compare
+from kdcore.records import GateDecision, LabelLineage
 from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 
@@ -51,6 +52,13 @@ def quality_uri(cfg: PipelineConfig, day: dt.date) -> str:
 
 
 def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, Any]:
+    """The gate of D on the labels at ``labels_uri``, as ``kd gate`` prints it."""
+    return decide(cfg, day, labels_uri).result()
+
+
+def decide(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> GateDecision:
+    """Measure D against the reference profile of the teacher that labelled the labels at
+    ``labels_uri`` and publish what it saw; the decision the students follow is returned."""
     spec = cfg.spec
     # labels of another day (ids may restart daily) or of examples since re-published are
     # refused before any check measures them: coverage by id would not notice
@@ -92,20 +100,15 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
         gx = validate_day(sample, profile, spec, shift, tmp, run_name=f"{spec.name}-{day.isoformat()}")
         del sample
         docs = {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-    # Expectations inform (warn) but do not by themselves stop distillation.
-    gx_check = CheckResult(name="expectations", value=float(gx.unsuccessful), warn=0.0, fail=float("inf"),
-                           status="warn" if gx.unsuccessful else "pass",
-                           detail=f"{gx.unsuccessful} of {gx.evaluated} expectations failed"
-                                  + (f": {', '.join(gx.failed_expectations[:5])}" if gx.failed_expectations else ""))
-    checks_all = [*decision.checks, gx_check]
-    status = decision.status if decision.status == "fail" or gx_check.status == "pass" else "warn"
-    decision = decision.model_copy(update={"checks": checks_all, "status": status})
+    decision = with_expectations(decision, gx.unsuccessful, gx.evaluated, gx.failed_expectations)
+    checks_all = decision.checks
     summary = decision.summary()
+    lin = LabelLineage(teacher_version=teacher.version, teacher_trained_through=lineage.trained_through,
+                       staleness_days=staleness, expected_staleness_days=lineage.expected_staleness_days,
+                       teacher_stale=lineage.stale)
     # Deterministic (no times, no run ids): re-running the gate leaves decision.json's bytes alone.
     record = {"date": day.isoformat(), "status": decision.status, "action": decision.action, "summary": summary,
-              "teacher_version": teacher.version, "teacher_trained_through": lineage.trained_through,
-              "teacher_stale": lineage.stale, "staleness_days": staleness,
-              "expected_staleness_days": lineage.expected_staleness_days, "labels_path": _relative(cfg.root, labels_uri),
+              **lin.metadata(), "labels_path": sfs.relative(cfg.root, labels_uri),
               "checks": [c.model_dump(mode="json") for c in checks_all]}
     blobs = {"decision.json": _json(record), "shift.json": shift.model_dump_json(indent=1).encode(),
              "labels_check.json": checks.model_dump_json(indent=1).encode(),
@@ -123,12 +126,12 @@ def run_gate(cfg: PipelineConfig, day: dt.date, labels_uri: str) -> dict[str, An
                     lineage.expected_staleness_days)
     log.log(logging.WARNING if decision.status != "pass" else logging.INFO, "%s: %s", day, summary)
     log.info("%s: gate checks (teacher %s, %d day(s) stale, labels %s):\n%s", day, teacher.version, staleness,
-             _relative(cfg.root, labels_uri), check_table(checks_all))
-    return {"status": decision.status, "action": decision.action, "summary": summary, "uri": uri,
-            "data_docs": sfs.join(uri, manifest.file("data_docs/index.html").path) if "index.html" in docs else None,
-            "teacher_version": teacher.version, "teacher_stale": lineage.stale, "staleness_days": staleness,
-            "expected_staleness_days": lineage.expected_staleness_days,
-            "checks": {c.name: {"value": c.value, "status": c.status} for c in checks_all}}
+             sfs.relative(cfg.root, labels_uri), check_table(checks_all))
+    return GateDecision(date=day.isoformat(), status=decision.status, action=decision.action, summary=summary,
+                        uri=uri, lineage=lin,
+                        data_docs=sfs.join(uri, manifest.file("data_docs/index.html").path)
+                        if "index.html" in docs else None,
+                        checks={c.name: {"value": c.value, "status": c.status} for c in checks_all})
 
 
 def _shift_columns(profile: Profile, spec: DatasetSpec) -> list[str]:
@@ -187,12 +190,6 @@ def _unchanged(uri: str, blobs: dict[str, bytes]) -> bool:
         return all(part.read_blob(uri, k) == blobs[k] for k in ("decision.json", "shift.json", "labels_check.json"))
     except StorageError:
         return False
-
-
-def _relative(root: str, uri: str) -> str:
-    """Paths inside published records are relative to the root, so a moved root keeps them."""
-    root, uri = sfs.normalize(root), sfs.normalize(uri)
-    return uri[len(root) + 1:] if uri.startswith(root + "/") else uri
 
 
 def _json(obj: Any) -> bytes:

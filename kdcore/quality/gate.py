@@ -18,8 +18,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kdcore import records
 from kdcore.quality.labels_check import LabelChecks, TeacherLineage
 from kdcore.quality.shift import ShiftReport
+from kdcore.records import LabelsRef
 from kdcore.yamlconf import Strict
 
 Status = Literal["pass", "warn", "fail"]
@@ -197,3 +199,28 @@ def evaluate_gate(shift: ShiftReport, labels: LabelChecks, policy: GatePolicy) -
     status: Status = "fail" if "fail" in statuses else "warn" if "warn" in statuses else "pass"
     action: Action = policy.on_fail if status == "fail" else "distill"
     return GateDecision(status=status, action=action, checks=checks)
+
+
+def with_expectations(decision: GateDecision, unsuccessful: int, evaluated: int,
+                      failed: list[str]) -> GateDecision:
+    """The decision with the great-expectations result as one more check. Expectations
+    inform (warn) but never by themselves stop distillation: a failed expectation turns
+    a pass into a warn, never into a fail."""
+    gx = CheckResult(name="expectations", value=float(unsuccessful), warn=0.0, fail=float("inf"),
+                     status="warn" if unsuccessful else "pass",
+                     detail=f"{unsuccessful} of {evaluated} expectations failed"
+                            + (f": {', '.join(failed[:5])}" if failed else ""))
+    status: Status = decision.status if decision.status == "fail" or gx.status == "pass" else "warn"
+    return decision.model_copy(update={"checks": [*decision.checks, gx], "status": status})
+
+
+def not_run(day: str, labels: LabelsRef | None, why: str) -> records.GateDecision:
+    """The decision when no gate measures the day (no student uses teacher labels, or the
+    'gate' stage is not selected): students distil, and the labels' lineage stays
+    visible, so a fallback teacher is still named. The CLI and the DAG both decide so."""
+    return records.GateDecision(date=day, status="not_run", action="distill", summary=why,
+                                lineage=labels.lineage if labels else None, labels=labels)
+
+
+def not_run_reason(labels: LabelsRef | None) -> str:
+    return "no student uses teacher labels" if labels is None else "stage 'gate' not selected"

@@ -31,6 +31,20 @@ from kdcore.storage.uri import join as join
 from kdcore.storage.uri import local_path, normalize, parse
 
 
+def relative(root: str, uri: str) -> str:
+    """``uri`` relative to the storage root, without a leading slash (the one form paths
+    take inside published records, so a moved or copied root keeps them); a URI outside
+    the root is returned whole."""
+    root, uri = normalize(root), normalize(uri)
+    return uri[len(root) + 1:] if uri.startswith(root + "/") else uri
+
+
+def absolute(root: str, path: str) -> str:
+    """The URI of a record's ``path`` (:func:`relative`'s inverse, so ``path`` is already
+    percent-encoded and is not encoded again; a whole URI stays)."""
+    return path if has_scheme(path) else normalize(root) + "/" + path.lstrip("/")
+
+
 @lru_cache(maxsize=8)
 def _gcs(endpoint: str | None) -> pafs.FileSystem:
     if endpoint:

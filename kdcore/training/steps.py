@@ -29,6 +29,7 @@ from kdcore.labels.store import check_labels_for
 from kdcore.models import registry
 from kdcore.models.inference import predict, set_determinism
 from kdcore.models.ranker import MultiTaskRanker, RankerConfig, make_optimizer
+from kdcore.storage import fs as sfs
 from kdcore.storage import partition as part
 from kdcore.training.data import DayData, DayStream, load_days, open_day
 from kdcore.training.loop import NO_KD, evaluate, fit_day, model_features, new_model
@@ -57,7 +58,16 @@ def existing_checkpoint(cfg: PipelineConfig, name: str, day: dt.date, parent: re
             raise
         return None
     same_parent = ckpt.meta.get("parent") == (parent.version if parent else None)
-    return ckpt if same_parent and ckpt.meta.get("fingerprint") == fingerprint else None
+    return ckpt if same_parent and _same_inputs(ckpt.meta.get("fingerprint"), fingerprint) else None
+
+
+def _same_inputs(recorded: dict[str, Any] | None, fingerprint: dict[str, Any]) -> bool:
+    """Checkpoints published before paths had one form recorded their labels as
+    ``/labels/...`` (now ``labels/...``, :func:`kdcore.storage.fs.relative`): the same
+    labels, so an upgraded deployment reuses them instead of retraining."""
+    if recorded and isinstance(recorded.get("labels"), str) and recorded["labels"].startswith("/"):
+        recorded = {**recorded, "labels": recorded["labels"][1:]}
+    return recorded == fingerprint
 
 
 def aux_tasks(cfg: PipelineConfig, distill: DistillConfig) -> list[str]:
@@ -151,12 +161,6 @@ def _summary(ckpt: registry.Checkpoint, reused: bool = True) -> dict[str, Any]:
             "skipped": False, "reused": reused}
 
 
-def _relative(cfg: PipelineConfig, uri: str | None) -> str | None:
-    if uri is None:
-        return None
-    return uri[len(cfg.root):] if uri.startswith(cfg.root) else uri
-
-
 def teacher_step(cfg: PipelineConfig, day: dt.date, force: bool = False) -> dict[str, Any]:
     """Refresh the teacher: progressive evaluation of the teacher through D-1 on D, then
     train it on D. A failure raises, so the last good teacher stays in use."""
@@ -202,7 +206,7 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
                        if use_kd and labels_uri else None)
     fp = {"model": s.model.model_dump(mode="json"), "distill": s.distill.model_dump(mode="json"),
           # relative to the root, so a copied or moved root still recognises its checkpoints
-          "labels": _relative(cfg, labels_uri) if use_kd else None, "action": action,
+          "labels": sfs.relative(cfg.root, labels_uri) if use_kd else None, "action": action,
           # keyed on the content of its inputs: changed examples or labels retrain the day
           "examples": checked["examples_sha256"],
           "labels_sha256": part.manifest_digest(labels_manifest) if labels_manifest else None}
@@ -210,7 +214,7 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
         log.info("%s %s: %s", name, day, _kd_mode(cfg, s, role, action))
     if not force and (ckpt := existing_checkpoint(cfg, name, day, parent, fp)):
         if use_kd:
-            log.info("%s %s: %s (labels %s)", name, day, _kd_mode(cfg, s, role, action), _relative(cfg, labels_uri))
+            log.info("%s %s: %s (labels %s)", name, day, _kd_mode(cfg, s, role, action), sfs.relative(cfg.root, labels_uri))
         _log_reused(name, day, ckpt)
         return _summary(ckpt)
     data = open_day(cfg.root, cfg.spec, day, s.model.shuffle_window_rows)
@@ -225,14 +229,14 @@ def student_step(cfg: PipelineConfig, name: str, day: dt.date, labels_uri: str |
         extra.update(teacher_version=joined.metadata.get("teacher_version"),
                      label_staleness_days=joined.metadata.get("staleness_days"),
                      label_teacher_stale=joined.metadata.get("teacher_stale"),
-                     labels_path=_relative(cfg, labels_uri), labels_missing=joined.missing)
+                     labels_path=sfs.relative(cfg.root, labels_uri), labels_missing=joined.missing)
         if joined.missing:  # the policy allowed it (else load_joined raised): no KD today, every row
             reason = (f"{joined.missing} of {len(data)} examples have no teacher label "
                       f"(policies.missing_labels is 'hard_labels_only')")
             extra.update(kd_applied=False, kd_skipped_reason=reason)
             distill = NO_KD
             log.warning("%s %s: hard labels only: %s in %s; trains on all %d rows of the day without distillation",
-                        name, day, reason, _relative(cfg, labels_uri), len(data))
+                        name, day, reason, sfs.relative(cfg.root, labels_uri), len(data))
         else:
             soft = fit_adapters(joined.soft, data.hard, list(cfg.spec.tasks), s.distill.adapter, seed=s.model.seed)
             staleness, stale = joined.metadata.get("staleness_days"), joined.metadata.get("teacher_stale")

@@ -176,16 +176,10 @@ def day_view(day: dt.date) -> dict[str, Any]:
     teacher_ckpt = _checkpoint(c.teacher.name, day)
     labels = labels_for(day)
     teacher: dict[str, Any] = {"name": c.teacher.name}
-    if gate:
-        teacher.update({k: gate.get(k) for k in ("teacher_version", "teacher_trained_through", "staleness_days",
-                                                "expected_staleness_days", "teacher_stale")})
-    elif labels:
-        meta = labels[0]
-        teacher.update({"teacher_version": meta.get("teacher_version"),
-                        "teacher_trained_through": meta.get("teacher_trained_through"),
-                        "staleness_days": meta.get("staleness_days"),
-                        "expected_staleness_days": meta.get("expected_staleness_days"),
-                        "teacher_stale": meta.get("teacher_stale")})
+    from kdcore.records import LabelLineage
+
+    if gate or labels:  # the gate's record names the lineage; without a gate, the labels' manifest
+        teacher.update(LabelLineage.pick(gate or labels[0]))
     teacher["refreshed_version"] = teacher_ckpt.get("version") if teacher_ckpt else None
     teacher["progressive"] = _progressive(teacher_ckpt, day)
     students = []
@@ -224,6 +218,7 @@ def labels_for(day: dt.date) -> list[dict[str, Any]]:
     """Committed label sets for ``day``: the teacher that made each, from its manifest."""
     from kdcore.errors import StorageError
     from kdcore.labels.store import labels_uri, list_label_versions
+    from kdcore.records import LabelLineage
     from kdcore.storage import partition as part
 
     c = cfg()
@@ -233,8 +228,7 @@ def labels_for(day: dt.date) -> list[dict[str, Any]]:
             meta = part.read_manifest(labels_uri(c.root, c.spec.name, day, version)).metadata
         except StorageError:
             continue
-        out.append({"teacher_version": version, **{k: meta.get(k) for k in (
-            "teacher_trained_through", "staleness_days", "expected_staleness_days", "teacher_stale", "shards")}})
+        out.append({**LabelLineage.pick(meta), "teacher_version": version, "shards": meta.get("shards")})
     return out
 
 
