@@ -130,7 +130,9 @@ def test_the_circle_check_sees_a_circle(tmp_path):
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("kdcore", "kdcore.errors", "kdcore.yamlconf", "kdcore.sysinfo", "kdcore.cliparser",
-                "kdcore.evaluation", "kdcore.storage", "kdcore.paths")),
+                "kdcore.evaluation", "kdcore.storage", "kdcore.paths",
+                # the typed records the stages hand each other (pydantic only): every stage reads them
+                "kdcore.records")),
     ("examples", ("kdcore.data",)),
     ("teacher", ("kdcore.models",)),
     ("labels", ("kdcore.labels",)),
@@ -138,7 +140,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("students", ("kdcore.distill", "kdcore.training")),
     ("report", ("kdcore.report",)),
     ("config", ("kdcore.config",)),
-    ("orchestration", ("kdcore.pipeline", "kdcore.commands", "kdcore.cli", "kdcore.experiments",
+    ("orchestration", ("kdcore.flow", "kdcore.pipeline", "kdcore.commands", "kdcore.cli", "kdcore.experiments",
                        "kdcore.search")),
 ]
 ORCHESTRATION = dict(LAYERS)["orchestration"]
