@@ -235,13 +235,18 @@ def write_if_generation(uri: str, data: bytes, expected: str | None) -> None:
 def list_files(uri: str) -> list[str]:
     """Relative paths of every file below ``uri``: what a reader sees, so symlinked
     folders are followed (experiment roots link shared datasets in)."""
+    return sorted(rel for rel, _ in _listed_files(uri))
+
+
+def _listed_files(uri: str) -> list[tuple[str, pafs.FileInfo]]:
+    """(relative path, info) of every file below ``uri``, by pyarrow's recursive listing."""
     fs, path = resolve(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
     except OSError as e:
         raise storage_error(f"{uri}: cannot list ({e})", transient_os_error(e)) from None
     base = path.rstrip("/") + "/"
-    return sorted(i.path[len(base):] for i in infos if i.type == pafs.FileType.File)
+    return [(i.path[len(base):], i) for i in infos if i.type == pafs.FileType.File]
 
 
 def list_file_ages(uri: str) -> list[tuple[str, float]]:
@@ -255,14 +260,7 @@ def list_file_ages(uri: str) -> list[tuple[str, float]]:
     now = time.time()
     if scheme == "file":
         return sorted((rel, now - mtime) for rel, mtime in _walk_local(uri, path))
-    fs, path = resolve(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
-    except OSError as e:
-        raise storage_error(f"{uri}: cannot list ({e})", transient_os_error(e)) from None
-    base = path.rstrip("/") + "/"
-    return sorted((i.path[len(base):], now - i.mtime.timestamp() if i.mtime else float("inf"))
-                  for i in infos if i.type == pafs.FileType.File)
+    return sorted((rel, now - i.mtime.timestamp() if i.mtime else float("inf")) for rel, i in _listed_files(uri))
 
 
 def _walk_local(uri: str, root: str) -> list[tuple[str, float]]:
