@@ -84,3 +84,8 @@ def is_transient(e: BaseException) -> bool:
     if isinstance(e, KDError):
         return e.transient
     return isinstance(e, OSError) and transient_os_error(e)
+
+
+class ServingError(KDError):
+    """A serving step (blessing, export, validation, push, rollback) refused: the message
+    names the surface, version, file or figure, and the serving pointer did not move."""
